@@ -1,0 +1,225 @@
+"""fsdpck's command line: click commands only — options, validation, exit codes.
+
+Each command parses its options, calls one library function, hands the result to a
+renderer and exits with the code of DESIGN.md. Errors leave through one boundary
+(``FsdpckGroup.invoke``): fsdpck's own exceptions become a one-paragraph message and
+their exit code; anything else is a runtime failure (exit 3). ``FSDPCK_DEBUG=1`` adds
+the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from fsdpck import __version__
+from fsdpck.errors import EXIT_RUNTIME, EXIT_USAGE, FsdpckError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("FSDPCK_DEBUG", "") not in ("", "0")
+
+
+def report_error(message: str, *, code: int) -> None:
+    """Print an error paragraph on stderr, with the traceback under FSDPCK_DEBUG=1."""
+    if debug_enabled():
+        traceback.print_exc(file=sys.stderr)
+    click.echo(f"fsdpck: error: {message}", err=True)
+    sys.stderr.flush()
+
+
+class FsdpckGroup(click.Group):
+    """The error boundary: maps fsdpck's exceptions to exit codes, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except FsdpckError as e:
+            report_error(e.describe(), code=e.exit_code)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            report_error("interrupted", code=EXIT_RUNTIME)
+            ctx.exit(EXIT_RUNTIME)
+        except Exception as e:  # the boundary: anything unforeseen is a runtime failure, said in one line
+            report_error(f"unexpected {type(e).__name__}: {e}", code=EXIT_RUNTIME)
+            ctx.exit(EXIT_RUNTIME)
+
+
+@click.group(cls=FsdpckGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="fsdpck")
+def cli() -> None:
+    """Check that sharded optimizer state survives torch.distributed.checkpoint, and open checkpoint dirs.
+
+    \b
+    Examples:
+      torchrun --nproc_per_node=2 fsdpck verify           # pre-flight round trip at 2 ranks
+      fsdpck verify -n 8 --checkpoint-dir /shared/ck      # fsdpck launches 8 workers itself
+      fsdpck inspect /shared/ck/step-1000                 # what is in a checkpoint, is it whole
+      fsdpck diff /ckpt/a /ckpt/b --json -                # how two checkpoints differ
+
+    Exit codes: 0 verified, 1 difference or integrity problem, 2 usage or set-up
+    error, 3 runtime failure. Under torchrun the launcher turns any non-zero code
+    into 1: use -n N or the JSON's exit_code for the exact one.
+    """
+
+
+def launch_workers(nproc: int) -> None:
+    """-n N: re-run this very command in N workers started by fsdpck itself, and exit with their code."""
+    from fsdpck import dist as fdist
+    from fsdpck.launch import run_workers
+
+    ctx = click.get_current_context()
+    if fdist.launched_by_torchrun():
+        raise click.UsageError("-n/--nproc-per-node starts its own workers; it cannot be used under torchrun", ctx=ctx)
+    ctx.exit(run_workers(nproc, [ctx.info_name, *forwarded_args(ctx, exclude={"nproc"})]))
+
+
+def forwarded_args(ctx: click.Context, *, exclude: set[str]) -> list[str]:
+    """The command's parsed options, written back as arguments for the workers."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if param.name in exclude or not isinstance(param, click.Option):
+            continue
+        value = ctx.params.get(param.name)
+        source = ctx.get_parameter_source(param.name)
+        if value is None or source is click.core.ParameterSource.DEFAULT:
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            if value:
+                args.append(flag)
+            continue
+        args += [flag, str(value)]
+    for param in ctx.command.params:
+        if isinstance(param, click.Argument):
+            args.append(str(ctx.params[param.name]))
+    return args
+
+
+def _positive_float(ctx, param, value):
+    if value is not None and value < 0:
+        raise click.BadParameter("must be zero or more", ctx=ctx, param=param)
+    return value
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--checkpoint-dir", type=click.Path(file_okay=True, dir_okay=True), default=None,
+              help="Where to write the checkpoints (each flow in its own subdirectory). Default: a fresh temporary dir.")
+@click.option("--keep", is_flag=True, help="Keep the checkpoints after a verified run (a failed run always keeps them).")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty --checkpoint-dir, replacing only fsdpck's own subdirectories.")
+@click.option("--planner", type=click.Choice(["default", "none", "both"]), default="both", show_default=True,
+              help="Load planner: DCP's DefaultLoadPlanner, none, or both (each in its own subdirectory).")
+@click.option("--fsdp", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="FSDP1 (FullyShardedDataParallel, ShardedTensor state) or FSDP2 (fully_shard, DTensor state).")
+@click.option("--api", type=click.Choice(["legacy", "dsd"]), default=None,
+              help="State-dict API: legacy (FSDP.optim_state_dict, FSDP1 only) or dsd (get_state_dict/set_state_dict). "
+                   "Default: legacy for FSDP1, dsd for FSDP2.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "adagrad", "rmsprop"]), default="adam", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="dtype of parameters and optimizer state.")
+@click.option("--steps", type=click.IntRange(1, 10_000), default=1, show_default=True, help="Optimizer steps before the save.")
+@click.option("--save-mode", type=click.Choice(["sync", "async"]), default="sync", show_default=True,
+              help="dcp.save, or dcp.async_save waited on before the load.")
+@click.option("--width", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
+              help="Multiplies the model dims (ws, 2·ws, 3·ws) to scale the checkpoint.")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
+@click.option("--atol", type=float, default=0.0, show_default=True, callback=_positive_float,
+              help="Absolute tolerance (default: bitwise equality).")
+@click.option("--rtol", type=float, default=0.0, show_default=True, callback=_positive_float,
+              help="Relative tolerance (default: bitwise equality).")
+@click.option("--self-test", is_flag=True, help="Flip one bit of the loaded state on one rank: verify must report exactly that row and exit 1.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: cuda:LOCAL_RANK with NCCL where GPUs are present, else CPU with gloo.")
+@click.option("--timeout", type=click.FloatRange(1, 86_400), default=300.0, show_default=True,
+              help="Seconds any collective may wait before the run fails (exit 3) instead of hanging.")
+@click.option("--json", "json_target", metavar="PATH|-", default=None, help="Write the fsdpck.verify/1 JSON document there (- for stdout).")
+@click.option("-v", "--verbose", is_flag=True, help="Show PyTorch's warnings (hidden and counted by default).")
+@click.option("-n", "--nproc-per-node", "nproc", type=click.IntRange(1, 1024), default=None,
+              help="Start N workers on this host through PyTorch's elastic launcher and exit with their exact fsdpck code "
+                   "(torchrun turns every failure into 1).")
+def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype, steps, save_mode, width, seed,
+           atol, rtol, self_test, device, timeout, json_target, verbose) -> None:
+    """Round-trip sharded optimizer state through DCP and compare every (FQN, state), shard-locally.
+
+    Builds the three-layer model of PyTorch's DCP optimizer-state test, takes optimizer
+    steps, saves model + sharded optimizer state, loads into a fresh model and optimizer
+    and compares. Rank 0 prints one table per flow and a one-line verdict.
+
+    \b
+    Examples:
+      torchrun --nproc_per_node=2 fsdpck verify
+      torchrun --nproc_per_node=8 fsdpck verify --checkpoint-dir /shared/ck-preflight --overwrite
+      fsdpck verify --fsdp 2 --optimizer adamw --dtype bfloat16
+      fsdpck verify --self-test            # proves the check can fail: exit 1, one row
+      fsdpck verify --json report.json     # same facts for scripts (schema fsdpck.verify/1)
+    """
+    if nproc is not None:
+        launch_workers(nproc)
+    from fsdpck import report, runner
+    from fsdpck.compare import Tolerance
+    from fsdpck.flows import Flow, check
+    from fsdpck.roundtrip import VerifyOptions, run_verify
+
+    fsdp_v = int(fsdp)
+    api = api or ("legacy" if fsdp_v == 1 else "dsd")
+    planners = ["default", "none"] if planner == "both" else [planner]
+    flows = [Flow(fsdp=fsdp_v, api=api, planner=p, optimizer=optimizer, dtype=dtype, steps=steps, save_mode=save_mode)
+             for p in planners]
+    for f in flows:
+        check(f)
+    opts = VerifyOptions(flows=flows, checkpoint_dir=checkpoint_dir, keep=keep, overwrite=overwrite,
+                         tolerance=Tolerance(atol=atol, rtol=rtol), self_test=self_test, width=width, seed=seed)
+    code = runner.run_distributed(
+        "verify",
+        lambda ctx: run_verify(opts, ctx=ctx),
+        device=device,
+        timeout=timeout,
+        json_target=json_target,
+        verbose=verbose,
+        render=lambda result, wl: report.render_verify(result, warnings_count=sum(w["count"] for w in wl)),
+        verdict=report.verdict,
+        document=report.verify_document,
+    )
+    click.get_current_context().exit(code)
+
+
+# Commands defined in other modules are registered below.
+
+
+def main() -> None:
+    """Console-script entry point (also ``python -m fsdpck`` and ``python fsdpck``)."""
+    try:
+        code = cli.main(prog_name="fsdpck", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("fsdpck: aborted", err=True)
+        code = EXIT_RUNTIME
+    except click.ClickException as e:
+        e.show()
+        code = EXIT_USAGE if e.exit_code in (1, 2) else e.exit_code
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    finish(code if isinstance(code, int) else 0)
+
+
+def finish(code: int) -> None:
+    """End the process with ``code``.
+
+    After a multi-rank run the process ends through ``os._exit`` once output is
+    flushed: tearing the gloo process group down at exit aborts the process
+    (SIGABRT) in about one run of eight with torch 2.13, which would turn a
+    verified run into a crash.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    from fsdpck import dist as fdist
+
+    if fdist.needs_hard_exit():
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,146 @@
+"""The ways optimizer state goes in and out of DCP.
+
+A flow is one path a trainer takes: the FSDP wrapper (FSDP1 with ShardedTensor state,
+or FSDP2 with DTensor state), the state-dict API (``legacy``: ``FSDP.optim_state_dict`` +
+``load_sharded_optimizer_state_dict`` + ``FSDP.optim_state_dict_to_load``, as in the
+reference test; ``dsd``: ``torch.distributed.checkpoint.state_dict``), the load planner
+(DCP's default, or none), the optimizer, the dtype, and sync or async save.
+
+Every function here returns the optimizer state as ``{"state": {fqn: {name: value}},
+"param_groups": [...]}`` — the view the comparison works on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fsdpck.errors import UsageError
+
+FSDP_VERSIONS = (1, 2)
+APIS = ("legacy", "dsd")
+PLANNERS = ("default", "none")
+SAVE_MODES = ("sync", "async")
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    fsdp: int = 1
+    api: str = "legacy"
+    planner: str = "default"
+    optimizer: str = "adam"
+    dtype: str = "float32"
+    steps: int = 1
+    save_mode: str = "sync"
+
+    @property
+    def name(self) -> str:
+        """A short, path-safe name, used for subdirectories and table rows."""
+        return f"fsdp{self.fsdp}-{self.api}-planner_{self.planner}-{self.save_mode}-{self.optimizer}-{self.dtype}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterOptions:
+    """FileSystemWriter options that change throughput; recorded in the JSON."""
+
+    thread_count: int = 1
+    sync_files: bool = True
+    single_file_per_rank: bool = True
+
+
+def invalid_reason(flow: Flow) -> str | None:
+    """Why a combination cannot run, or None."""
+    if flow.fsdp == 2 and flow.api == "legacy":
+        return (
+            "--fsdp 2 with --api legacy is impossible: the legacy functions (FSDP.optim_state_dict and "
+            "friends) exist only for FSDP1; use --api dsd with FSDP2"
+        )
+    return None
+
+
+def check(flow: Flow) -> None:
+    reason = invalid_reason(flow)
+    if reason:
+        raise UsageError(reason)
+
+
+def _optim_view(osd: dict[str, Any]) -> dict[str, Any]:
+    return {"state": dict(osd.get("state", {})), "param_groups": list(osd.get("param_groups", []))}
+
+
+def state_for_save(model, optim, flow: Flow) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``{"model", "optim"}`` state dict to hand to DCP, and the optimizer view before the save."""
+    if flow.api == "legacy":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import StateDictType
+
+        FSDP.set_state_dict_type(model, StateDictType.SHARDED_STATE_DICT)
+        osd = FSDP.optim_state_dict(model, optim)
+        return {"model": model.state_dict(), "optim": osd}, _optim_view(osd)
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optim)
+    return {"model": msd, "optim": osd}, _optim_view(osd)
+
+
+def save(state: dict[str, Any], path: Path, flow: Flow, writer: WriterOptions) -> None:
+    """DCP save (sync, or async and waited on) into ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    storage_writer = dcp.FileSystemWriter(
+        str(path),
+        single_file_per_rank=writer.single_file_per_rank,
+        sync_files=writer.sync_files,
+        thread_count=writer.thread_count,
+    )
+    if flow.save_mode == "async":
+        # The staging copy (device -> host) is part of what is checked: the loaded state
+        # is compared with the live state the copy was taken from.
+        future = dcp.async_save(state, storage_writer=storage_writer)
+        future.result()
+    else:
+        dcp.save(state, storage_writer=storage_writer)
+
+
+def _load_planner(flow: Flow):
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.DefaultLoadPlanner() if flow.planner == "default" else None
+
+
+def load_fresh(model, optim, path: Path, flow: Flow) -> dict[str, Any]:
+    """Load model and optimizer state from ``path`` into a fresh model/optimizer; return the optimizer view after."""
+    import torch.distributed.checkpoint as dcp
+
+    if len(optim.state) != 0:
+        raise RuntimeError("the fresh optimizer already has state before the load; the round trip would prove nothing")
+    reader = dcp.FileSystemReader(str(path))
+    if flow.api == "legacy":
+        from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import StateDictType
+
+        FSDP.set_state_dict_type(model, StateDictType.SHARDED_STATE_DICT)
+        # The model first: the optimizer state is laid out from the loaded model state dict.
+        state = {"model": model.state_dict()}
+        dcp.load(state, storage_reader=reader)
+        model.load_state_dict(state["model"])
+        optim_state = load_sharded_optimizer_state_dict(
+            model_state_dict=state["model"],
+            optimizer_key="optim",
+            storage_reader=dcp.FileSystemReader(str(path)),
+            planner=_load_planner(flow),
+        )
+        optim.load_state_dict(FSDP.optim_state_dict_to_load(model, optim, optim_state["optim"]))
+        return _optim_view(FSDP.optim_state_dict(model, optim))
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optim)  # allocates the optimizer's state to load into
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, storage_reader=reader, planner=_load_planner(flow))
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return _optim_view(get_state_dict(model, optim)[1])

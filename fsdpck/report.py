@@ -1,0 +1,178 @@
+"""Rendering verify's results: rich tables for people, a versioned JSON document for scripts.
+
+One set of facts, two views: both are built from ``roundtrip.VerifyResult``. Render
+functions return renderables; only the command prints.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from typing import Any
+
+from fsdpck import __version__
+from fsdpck.errors import EXIT_MEANING
+
+VERIFY_SCHEMA = "fsdpck.verify/1"
+
+_STATUS_STYLE = {"match": "green", "differs": "bold red", "missing": "bold red", "unexpected": "bold red"}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _fmt_delta(x: float) -> str:
+    if x == 0:
+        return "0"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}"
+
+
+def flow_table(result, *, show_fingerprints: bool = True):
+    """The per-FQN diff table of one flow."""
+    from rich.table import Table
+
+    from rich import box
+
+    table = Table(title=f"{result.flow.name}", title_justify="left", expand=False, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("FQN", overflow="fold", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    table.add_column("sharding", no_wrap=True)
+    table.add_column("max |Δ|", justify="right", no_wrap=True)
+    table.add_column("differing", justify="right", no_wrap=True)
+    if show_fingerprints:
+        table.add_column("fingerprint", no_wrap=True)
+    table.add_column("status", no_wrap=True, min_width=8)
+    for r in result.rows:
+        shape = "×".join(str(d) for d in r.shape) if r.shape else ("scalar" if r.shape == [] else "—")
+        cells = [
+            r.fqn,
+            r.state,
+            shape,
+            r.dtype or "—",
+            r.sharding,
+            _fmt_delta(r.max_abs_diff),
+            f"{r.differing}/{r.numel}",
+        ]
+        if show_fingerprints:
+            if r.fp_before is None and r.fp_after is None:
+                cells.append("—")
+            elif r.fp_before == r.fp_after:
+                cells.append(r.fp_before or "—")
+            else:
+                cells.append(f"{r.fp_before or '—'} →\n{r.fp_after or '—'}")
+        status = f"[{_STATUS_STYLE.get(r.status, 'bold red')}]{r.status.upper()}[/]"
+        cells.append(status + (f" {r.note}" if r.note else ""))
+        table.add_row(*cells)
+    return table
+
+
+def flow_footer(result) -> str:
+    """Timings, bytes and what the self-test touched, under a flow's table."""
+    t = result.timings
+    phases = ", ".join(f"{name} {t[name]:.3f}s" for name in ("step", "state-dict", "save", "load", "compare") if name in t)
+    lines = [
+        f"phases (slowest rank): {phases}",
+        f"state {human_bytes(result.state_bytes)}, written {human_bytes(result.bytes_written)} to {result.path}",
+    ]
+    if result.self_test:
+        s = result.self_test
+        lines.append(f"self-test: flipped one bit of {s['fqn']}/{s['state']} on rank {s['rank']}")
+    if result.error:
+        lines.append(f"[bold red]error[/]: {result.error}")
+    return "\n".join(lines)
+
+
+def render_verify(result, *, warnings_count: int = 0):
+    """Everything rank 0 prints above the verdict, as one renderable."""
+    from rich.console import Group
+    from rich.text import Text
+
+    parts: list[Any] = []
+    for r in result.results:
+        if r.rows:
+            parts.append(flow_table(r))
+        parts.append(Text.from_markup(flow_footer(r)))
+        parts.append(Text(""))
+    d = result.dims
+    tail = (
+        f"world size {result.world_size}, backend {result.backend}, device {result.device}, "
+        f"model dims {d.inp}→{d.a}→{d.b}→{d.c}; "
+        f"{warnings_count} PyTorch warning(s) hidden (--verbose shows them)"
+    )
+    if result.kept:
+        tail += f"; checkpoint kept at {result.checkpoint_dir}"
+    parts.append(Text(tail))
+    return Group(*parts)
+
+
+def verdict(result=None, *, code: int, error: str | None = None) -> str:
+    """The last line: one line a shell script can grep."""
+    if error is not None:
+        return f"fsdpck verify: FAILED (exit {code}) — {error}"
+    rows = sum(len(r.rows) for r in result.results)
+    bad = [(r, row) for r in result.results for row in r.differing_rows]
+    errored = [r for r in result.results if r.error]
+    n = len(result.results)
+    where = f"{n} flow(s), {rows} rows, world size {result.world_size}"
+    if code == 0:
+        return f"fsdpck verify: VERIFIED (exit 0) — {where}, 0 differences"
+    if errored:
+        return f"fsdpck verify: FAILED (exit {code}) — {len(errored)} of {n} flow(s) raised: {errored[0].error}"
+    first = ", ".join(f"{row.fqn}/{row.state}" for _, row in bad[:3]) + (" …" if len(bad) > 3 else "")
+    return f"fsdpck verify: DIFFERENCE (exit {code}) — {len(bad)} of {rows} rows differ ({first}); {where}"
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    return {"fsdpck": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def verify_document(result=None, *, code: int, error: str | None = None, warnings: list[dict[str, Any]] | None = None,
+                    ctx=None, started: float | None = None, elapsed: float | None = None) -> dict[str, Any]:
+    """The ``fsdpck.verify/1`` JSON document (README, "JSON output")."""
+    doc: dict[str, Any] = {
+        "schema": VERIFY_SCHEMA,
+        "versions": versions(),
+        "world_size": result.world_size if result else (ctx.world_size if ctx else None),
+        "backend": result.backend if result else (ctx.backend if ctx else None),
+        "device": result.device if result else (str(ctx.device) if ctx else None),
+        "exit_code": code,
+        "verdict": verdict(result, code=code, error=error),
+        "outcome": EXIT_MEANING.get(code, "unknown"),
+        "error": error,
+        "elapsed_s": elapsed,
+        "warnings": {"count": sum(w["count"] for w in warnings or []), "distinct": warnings or []},
+        "flows": [],
+    }
+    if result is not None:
+        doc["model_dims"] = result.dims.as_list()
+        doc["checkpoint_dir"] = result.checkpoint_dir
+        doc["checkpoint_kept"] = result.kept
+        for r in result.results:
+            doc["flows"].append(
+                {
+                    "flow": r.flow.as_dict(),
+                    "name": r.flow.name,
+                    "path": r.path,
+                    "exit_code": r.exit_code,
+                    "error": r.error,
+                    "timings_s": r.timings,
+                    "state_bytes": r.state_bytes,
+                    "bytes_written": r.bytes_written,
+                    "self_test": r.self_test,
+                    "rows_compared": len(r.rows),
+                    "rows_differing": len(r.differing_rows),
+                    "rows": [row.as_dict() for row in r.rows],
+                }
+            )
+    return doc

@@ -1,0 +1,86 @@
+"""verify across processes, launched the ways users launch it (torchrun, -n, plain)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, fsdpck, load_json, run, torchrun
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_verify_passes_at_world_size(nproc: int, tmp_path: Path):
+    out = tmp_path / "v.json"
+    r = fsdpck("verify", "--json", str(out), nproc=nproc)
+    assert r.code == 0, r.tail()
+    assert r.last_line().startswith("fsdpck verify: VERIFIED (exit 0)"), r.tail()
+    doc = load_json(out)
+    assert doc["world_size"] == nproc and doc["exit_code"] == 0
+    assert len(doc["flows"]) == 2
+    for flow in doc["flows"]:
+        assert flow["rows_differing"] == 0
+        sharded = [row for row in flow["rows"] if row["sharding"] == "ShardedTensor"]
+        assert len(sharded) == 12  # 6 params × (exp_avg, exp_avg_sq)
+        assert all(row["fp_before"] == row["fp_after"] for row in sharded)
+    # The report is printed once, by rank 0.
+    assert r.out.count("fsdpck verify: VERIFIED") == 1
+
+
+def test_self_test_reports_exactly_the_flipped_row(tmp_path: Path):
+    out = tmp_path / "v.json"
+    r = fsdpck("verify", "--self-test", "--json", str(out), nproc=2)
+    assert r.code == 1, r.tail()
+    assert "DIFFERENCE (exit 1)" in r.last_line()
+    doc = load_json(out)
+    assert doc["exit_code"] == 1
+    for flow in doc["flows"]:
+        bad = [row for row in flow["rows"] if row["status"] != "match"]
+        assert len(bad) == 1, bad
+        assert (bad[0]["fqn"], bad[0]["state"]) == (flow["self_test"]["fqn"], flow["self_test"]["state"])
+        assert bad[0]["differing"] == 1
+        assert bad[0]["fp_before"] != bad[0]["fp_after"]
+    # A failed check keeps its checkpoint for inspection.
+    assert doc["checkpoint_kept"] and Path(doc["checkpoint_dir"]).is_dir()
+    shutil.rmtree(doc["checkpoint_dir"])
+
+
+def test_torchrun_from_repo_root_runs_the_package_dir(tmp_path: Path):
+    r = torchrun(2, "fsdpck", "verify", "--planner", "none", cwd=REPO)
+    assert r.code == 0, r.tail()
+    assert r.last_line().startswith("fsdpck verify: VERIFIED"), r.tail()
+
+
+def test_torchrun_module_form_from_anywhere(tmp_path: Path):
+    r = torchrun(2, "-m", "fsdpck", "verify", "--planner", "none", cwd=tmp_path)
+    assert r.code == 0, r.tail()
+    assert "world size 2" in r.last_line()
+
+
+@pytest.mark.skipif(shutil.which("fsdpck") is None, reason="console script not installed (pip install -e .)")
+def test_torchrun_no_python_console_script(tmp_path: Path):
+    r = torchrun(2, "--no-python", "fsdpck", "verify", "--planner", "none", cwd=tmp_path)
+    assert r.code == 0, r.tail()
+    assert r.last_line().startswith("fsdpck verify: VERIFIED")
+
+
+@pytest.mark.skipif(shutil.which("fsdpck") is None, reason="console script not installed (pip install -e .)")
+def test_plain_console_script_is_world_of_one(tmp_path: Path):
+    r = run(["fsdpck", "verify", "--planner", "none"], cwd=tmp_path)
+    assert r.code == 0, r.tail()
+    assert "world size 1" in r.last_line()
+
+
+def test_python_dash_m_is_world_of_one(tmp_path: Path):
+    r = run([sys.executable, "-m", "fsdpck", "verify", "--planner", "none"], cwd=REPO)
+    assert r.code == 0, r.tail()
+    assert "world size 1" in r.last_line()
+
+
+def test_torchrun_summary_names_fsdpcks_verdict():
+    r = torchrun(2, "-m", "fsdpck", "verify", "--planner", "none", "--self-test")
+    assert r.code == 1, r.tail()  # torchrun's rule: any failure is 1
+    assert "error_file: <N/A>" not in r.text, r.tail()
+    assert "DIFFERENCE (exit 1)" in r.err, r.tail()  # in torchrun's failure summary
