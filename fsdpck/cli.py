@@ -116,17 +116,22 @@ def _positive_float(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty --checkpoint-dir, replacing only fsdpck's own subdirectories.")
 @click.option("--planner", type=click.Choice(["default", "none", "both"]), default="both", show_default=True,
               help="Load planner: DCP's DefaultLoadPlanner, none, or both (each in its own subdirectory).")
-@click.option("--fsdp", type=click.Choice(["1", "2"]), default="1", show_default=True,
-              help="FSDP1 (FullyShardedDataParallel, ShardedTensor state) or FSDP2 (fully_shard, DTensor state).")
+@click.option("--fsdp", type=click.Choice(["1", "2"]), default=None,
+              help="FSDP1 (FullyShardedDataParallel, ShardedTensor state; the default) or FSDP2 (fully_shard, DTensor state).")
 @click.option("--api", type=click.Choice(["legacy", "dsd"]), default=None,
               help="State-dict API: legacy (FSDP.optim_state_dict, FSDP1 only) or dsd (get_state_dict/set_state_dict). "
                    "Default: legacy for FSDP1, dsd for FSDP2.")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "adagrad", "rmsprop"]), default="adam", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="dtype of parameters and optimizer state.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "adagrad", "rmsprop", "all"]), default="adam",
+              show_default=True, help="Optimizer (hyper-parameters fixed, see README); all = each in turn.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "all"]), default="float32", show_default=True,
+              help="dtype of parameters and optimizer state; all = each in turn.")
 @click.option("--steps", type=click.IntRange(1, 10_000), default=1, show_default=True, help="Optimizer steps before the save.")
-@click.option("--save-mode", type=click.Choice(["sync", "async"]), default="sync", show_default=True,
-              help="dcp.save, or dcp.async_save waited on before the load.")
+@click.option("--save-mode", type=click.Choice(["sync", "async"]), default=None,
+              help="dcp.save (sync, the default), or dcp.async_save waited on before the load.")
+@click.option("--matrix", is_flag=True,
+              help="Run every valid combination of fsdp × api × planner × save mode in one launch (narrowed by any of "
+                   "those options given); a summary row per combination.")
+@click.option("--details", is_flag=True, help="With --matrix: print the per-FQN table of every combination, not only the failed ones.")
 @click.option("--width", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
               help="Multiplies the model dims (ws, 2·ws, 3·ws) to scale the checkpoint.")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
@@ -144,8 +149,8 @@ def _positive_float(ctx, param, value):
 @click.option("-n", "--nproc-per-node", "nproc", type=click.IntRange(1, 1024), default=None,
               help="Start N workers on this host through PyTorch's elastic launcher and exit with their exact fsdpck code "
                    "(torchrun turns every failure into 1).")
-def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype, steps, save_mode, width, seed,
-           atol, rtol, self_test, device, timeout, json_target, verbose) -> None:
+def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype, steps, save_mode, matrix, details,
+           width, seed, atol, rtol, self_test, device, timeout, json_target, verbose) -> None:
     """Round-trip sharded optimizer state through DCP and compare every (FQN, state), shard-locally.
 
     Builds the three-layer model of PyTorch's DCP optimizer-state test, takes optimizer
@@ -157,6 +162,7 @@ def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer
       torchrun --nproc_per_node=2 fsdpck verify
       torchrun --nproc_per_node=8 fsdpck verify --checkpoint-dir /shared/ck-preflight --overwrite
       fsdpck verify --fsdp 2 --optimizer adamw --dtype bfloat16
+      torchrun --nproc_per_node=4 -m fsdpck verify --matrix --optimizer all
       fsdpck verify --self-test            # proves the check can fail: exit 1, one row
       fsdpck verify --json report.json     # same facts for scripts (schema fsdpck.verify/1)
     """
@@ -164,16 +170,13 @@ def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer
         launch_workers(nproc)
     from fsdpck import report, runner
     from fsdpck.compare import Tolerance
-    from fsdpck.flows import Flow, check
+    from fsdpck.flows import select
     from fsdpck.roundtrip import VerifyOptions, run_verify
 
-    fsdp_v = int(fsdp)
-    api = api or ("legacy" if fsdp_v == 1 else "dsd")
-    planners = ["default", "none"] if planner == "both" else [planner]
-    flows = [Flow(fsdp=fsdp_v, api=api, planner=p, optimizer=optimizer, dtype=dtype, steps=steps, save_mode=save_mode)
-             for p in planners]
-    for f in flows:
-        check(f)
+    planner_given = click.get_current_context().get_parameter_source("planner") is not click.core.ParameterSource.DEFAULT
+    flows = select(matrix=matrix, fsdp=int(fsdp) if fsdp else None, api=api,
+                   planner=planner if (planner_given or not matrix) else "both",
+                   save_mode=save_mode, optimizer=optimizer, dtype=dtype, steps=steps)
     opts = VerifyOptions(flows=flows, checkpoint_dir=checkpoint_dir, keep=keep, overwrite=overwrite,
                          tolerance=Tolerance(atol=atol, rtol=rtol), self_test=self_test, width=width, seed=seed)
     code = runner.run_distributed(
@@ -183,7 +186,8 @@ def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer
         timeout=timeout,
         json_target=json_target,
         verbose=verbose,
-        render=lambda result, wl: report.render_verify(result, warnings_count=sum(w["count"] for w in wl)),
+        render=lambda result, wl: report.render_verify(result, warnings_count=sum(w["count"] for w in wl),
+                                                       summary=matrix or len(flows) > 2, details=details),
         verdict=report.verdict,
         document=report.verify_document,
     )
@@ -191,6 +195,10 @@ def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer
 
 
 # Commands defined in other modules are registered below.
+from fsdpck.cli_ckpt import diff_command, inspect_command  # noqa: E402
+
+cli.add_command(inspect_command, "inspect")
+cli.add_command(diff_command, "diff")
 
 
 def main() -> None:

@@ -68,6 +68,47 @@ def check(flow: Flow) -> None:
         raise UsageError(reason)
 
 
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "adagrad", "rmsprop")
+DTYPE_NAMES = ("float32", "bfloat16")
+
+
+def select(*, matrix: bool, fsdp: int | None, api: str | None, planner: str, save_mode: str | None,
+           optimizer: str, dtype: str, steps: int) -> list[Flow]:
+    """The flows one launch runs.
+
+    Without ``matrix``: one flow per requested planner (``both`` = default and none), the API
+    defaulting to the one its FSDP version is used with. With ``matrix``: every valid
+    combination of fsdp × api × planner × save mode, narrowed by any of those given
+    explicitly (None = not given). ``optimizer``/``dtype`` may be ``all``.
+    An impossible explicit combination is a usage error.
+    """
+    planners = list(PLANNERS) if planner == "both" else [planner]
+    optimizers = list(OPTIMIZER_NAMES) if optimizer == "all" else [optimizer]
+    dtypes = list(DTYPE_NAMES) if dtype == "all" else [dtype]
+    if matrix:
+        fsdps = [fsdp] if fsdp is not None else list(FSDP_VERSIONS)
+        apis = [api] if api is not None else list(APIS)
+        modes = [save_mode] if save_mode is not None else list(SAVE_MODES)
+    else:
+        fsdps = [fsdp or 1]
+        apis = [api or ("legacy" if (fsdp or 1) == 1 else "dsd")]
+        modes = [save_mode or "sync"]
+    chosen = []
+    for f in fsdps:
+        for a in apis:
+            probe = Flow(fsdp=f, api=a)
+            if invalid_reason(probe):
+                if not matrix or (fsdp is not None and api is not None):
+                    check(probe)
+                continue
+            for p in planners:
+                for m in modes:
+                    for o in optimizers:
+                        for d in dtypes:
+                            chosen.append(Flow(fsdp=f, api=a, planner=p, optimizer=o, dtype=d, steps=steps, save_mode=m))
+    return chosen
+
+
 def _optim_view(osd: dict[str, Any]) -> dict[str, Any]:
     return {"state": dict(osd.get("state", {})), "param_groups": list(osd.get("param_groups", []))}
 

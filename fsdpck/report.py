@@ -91,13 +91,45 @@ def flow_footer(result) -> str:
     return "\n".join(lines)
 
 
-def render_verify(result, *, warnings_count: int = 0):
-    """Everything rank 0 prints above the verdict, as one renderable."""
+def summary_table(result):
+    """--matrix: one row per combination."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="flows", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, kw in (("fsdp", {}), ("api", {}), ("planner", {}), ("save", {}), ("optimizer", {}), ("dtype", {}),
+                     ("rows", {"justify": "right"}), ("differing", {"justify": "right"}), ("bytes", {"justify": "right"}),
+                     ("save s", {"justify": "right"}), ("load s", {"justify": "right"}), ("status", {})):
+        table.add_column(name, no_wrap=True, **kw)
+    for r in result.results:
+        f = r.flow
+        status = "[bold red]ERROR[/]" if r.error else ("[bold red]DIFFERS[/]" if r.differing_rows else "[green]MATCH[/]")
+        table.add_row(
+            str(f.fsdp), f.api, f.planner, f.save_mode, f.optimizer, f.dtype,
+            str(len(r.rows)), str(len(r.differing_rows)), human_bytes(r.bytes_written),
+            f"{r.timings.get('save', 0):.3f}", f"{r.timings.get('load', 0):.3f}", status,
+        )
+    return table
+
+
+def render_verify(result, *, warnings_count: int = 0, summary: bool = False, details: bool = False):
+    """Everything rank 0 prints above the verdict, as one renderable.
+
+    One table per flow; with ``summary`` (--matrix) a row per flow first, then the per-FQN
+    tables of the flows that failed (all of them with ``details``).
+    """
     from rich.console import Group
     from rich.text import Text
 
     parts: list[Any] = []
+    if summary:
+        parts.append(summary_table(result))
+        for r in result.results:
+            if r.error:
+                parts.append(Text.from_markup(f"[bold red]{r.flow.name}[/]: {r.error}"))
     for r in result.results:
+        if summary and not details and not r.differing_rows:
+            continue
         if r.rows:
             parts.append(flow_table(r))
         parts.append(Text.from_markup(flow_footer(r)))
@@ -127,8 +159,15 @@ def verdict(result=None, *, code: int, error: str | None = None) -> str:
         return f"fsdpck verify: VERIFIED (exit 0) — {where}, 0 differences"
     if errored:
         return f"fsdpck verify: FAILED (exit {code}) — {len(errored)} of {n} flow(s) raised: {errored[0].error}"
-    first = ", ".join(f"{row.fqn}/{row.state}" for _, row in bad[:3]) + (" …" if len(bad) > 3 else "")
-    return f"fsdpck verify: DIFFERENCE (exit {code}) — {len(bad)} of {rows} rows differ ({first}); {where}"
+    if n == 1:
+        first = ", ".join(f"{row.fqn}/{row.state}" for _, row in bad[:3]) + (" …" if len(bad) > 3 else "")
+        return f"fsdpck verify: DIFFERENCE (exit {code}) — {len(bad)} of {rows} rows differ ({first}); {where}"
+    flows_bad = [r for r in result.results if r.differing_rows]
+    r0, row0 = bad[0]
+    return (
+        f"fsdpck verify: DIFFERENCE (exit {code}) — {len(flows_bad)} of {n} flow(s) differ, {len(bad)} of {rows} rows "
+        f"(first: {r0.flow.name} {row0.fqn}/{row0.state}); world size {result.world_size}"
+    )
 
 
 def versions() -> dict[str, str]:

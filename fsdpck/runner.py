@@ -92,7 +92,7 @@ def run_distributed(
         if json_target:
             write_json(json_target, document(result_, code=code_, error=error_, warnings=wl, ctx=ctx,
                                              elapsed=time.perf_counter() - started))
-        out.print(verdict(result_, code=code_, error=error_), markup=False, highlight=False)
+        out.print(verdict(result_, code=code_, error=error_), markup=False, highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
     with captured_warnings() as seen:

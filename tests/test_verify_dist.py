@@ -11,8 +11,8 @@ import pytest
 from conftest import REPO, fsdpck, load_json, run, torchrun
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-def test_verify_passes_at_world_size(nproc: int, tmp_path: Path):
+def test_verify_passes_at_world_size_2(tmp_path: Path):
+    nproc = 2
     out = tmp_path / "v.json"
     r = fsdpck("verify", "--json", str(out), nproc=nproc)
     assert r.code == 0, r.tail()
@@ -29,13 +29,27 @@ def test_verify_passes_at_world_size(nproc: int, tmp_path: Path):
     assert r.out.count("fsdpck verify: VERIFIED") == 1
 
 
-def test_self_test_reports_exactly_the_flipped_row(tmp_path: Path):
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_default_matrix_passes(nproc: int, tmp_path: Path):
+    out = tmp_path / "m.json"
+    r = fsdpck("verify", "--matrix", "--json", str(out), nproc=nproc)
+    assert r.code == 0, r.tail()
+    doc = load_json(out)
+    names = {(f["flow"]["fsdp"], f["flow"]["api"], f["flow"]["planner"], f["flow"]["save_mode"]) for f in doc["flows"]}
+    assert len(names) == 12  # (fsdp1 legacy, fsdp1 dsd, fsdp2 dsd) × 2 planners × 2 save modes
+    assert all(f["rows_differing"] == 0 and f["rows_compared"] == 19 and f["error"] is None for f in doc["flows"])
+    shardings = {f["flow"]["fsdp"]: {row["sharding"] for row in f["rows"]} for f in doc["flows"]}
+    assert "ShardedTensor" in shardings[1] and "DTensor" in shardings[2]
+    assert "12 flow(s)" in r.last_line() and "VERIFIED" in r.last_line()
+
+
+def test_self_test_makes_every_flow_fail_on_exactly_one_row(tmp_path: Path):
     out = tmp_path / "v.json"
-    r = fsdpck("verify", "--self-test", "--json", str(out), nproc=2)
+    r = fsdpck("verify", "--matrix", "--self-test", "--json", str(out), nproc=2)
     assert r.code == 1, r.tail()
     assert "DIFFERENCE (exit 1)" in r.last_line()
     doc = load_json(out)
-    assert doc["exit_code"] == 1
+    assert doc["exit_code"] == 1 and len(doc["flows"]) == 12
     for flow in doc["flows"]:
         bad = [row for row in flow["rows"] if row["status"] != "match"]
         assert len(bad) == 1, bad

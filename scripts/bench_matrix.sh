@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One launch of the default --matrix against a single-flow verify at the same world size:
+# most of a launch is imports and process-group start, which the matrix shares. Prints the
+# median wall time of each over REPS runs and their ratio (target: at most 2x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROC=${NPROC:-2}
+REPS=${REPS:-3}
+python3 - "$NPROC" "$REPS" <<'PY'
+import statistics, subprocess, sys, time
+nproc, reps = sys.argv[1], int(sys.argv[2])
+
+def wall(*extra):
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fsdpck", "verify", "-n", nproc, *extra], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+single = wall("--planner", "default")
+matrix = wall("--matrix")
+print(f"world size {nproc}, {reps} runs each (median, min-max seconds)")
+print(f"single flow (fsdp1 legacy, default planner, sync): {single[0]:.2f}  ({single[1]:.2f}-{single[2]:.2f})")
+print(f"default matrix (12 flows):                         {matrix[0]:.2f}  ({matrix[1]:.2f}-{matrix[2]:.2f})")
+print(f"ratio matrix / single: {matrix[0] / single[0]:.2f}  (target <= 2.00)")
+PY
