@@ -93,13 +93,18 @@ def forwarded_args(ctx: click.Context, *, exclude: set[str]) -> list[str]:
             continue
         flag = max(param.opts, key=len)
         if param.is_flag:
-            if value:
+            if param.secondary_opts:  # --x/--no-x: say which
+                args.append(flag if value else max(param.secondary_opts, key=len))
+            elif value:
                 args.append(flag)
             continue
         args += [flag, str(value)]
+    if any(isinstance(p, click.Argument) for p in ctx.command.params):
+        args.append("--")  # a path that starts with "-" stays a path
     for param in ctx.command.params:
         if isinstance(param, click.Argument):
-            args.append(str(ctx.params[param.name]))
+            value = ctx.params[param.name]
+            args += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     return args
 
 
@@ -109,48 +114,101 @@ def _positive_float(ctx, param, value):
     return value
 
 
+def run_options(schema: str):
+    """Options of every command that runs on ranks: device, timeout, JSON, verbosity, -n."""
+
+    def decorate(f):
+        for option in reversed([
+            click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                         help="auto: cuda:LOCAL_RANK with NCCL where GPUs are present, else CPU with gloo."),
+            click.option("--timeout", type=click.FloatRange(1, 86_400), default=300.0, show_default=True,
+                         help="Seconds any collective may wait before the run fails (exit 3) instead of hanging."),
+            click.option("--json", "json_target", metavar="PATH|-", default=None,
+                         help=f"Write the {schema} JSON document there (- for stdout; the report then goes to stderr)."),
+            click.option("-v", "--verbose", is_flag=True, help="Show PyTorch's warnings (hidden and counted by default)."),
+            click.option("-n", "--nproc-per-node", "nproc", type=click.IntRange(1, 1024), default=None,
+                         help="Start N workers on this host through PyTorch's elastic launcher and exit with their "
+                              "exact fsdpck code (torchrun turns every failure into 1)."),
+        ]):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def state_options(*, matrix: bool):
+    """Options that shape the state that is saved: flow, optimizer, dtype, steps, width, seed."""
+    allowed = ["all"] if matrix else []
+
+    def decorate(f):
+        for option in reversed([
+            click.option("--fsdp", type=click.Choice(["1", "2"]), default=None,
+                         help="FSDP1 (FullyShardedDataParallel, ShardedTensor state; the default) or FSDP2 "
+                              "(fully_shard, DTensor state)."),
+            click.option("--api", type=click.Choice(["legacy", "dsd"]), default=None,
+                         help="State-dict API: legacy (FSDP.optim_state_dict and friends, FSDP1 only) or dsd "
+                              "(get_state_dict/set_state_dict). Default: legacy for FSDP1, dsd for FSDP2."),
+            click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "adagrad", "rmsprop", *allowed]),
+                         default="adam", show_default=True,
+                         help="Optimizer, with fixed hyper-parameters (README)" + ("; all = each in turn." if matrix else ".")),
+            click.option("--dtype", type=click.Choice(["float32", "bfloat16", *allowed]), default="float32",
+                         show_default=True, help="dtype of parameters and optimizer state" + ("; all = each in turn." if matrix else ".")),
+            click.option("--steps", type=click.IntRange(1, 10_000), default=1, show_default=True,
+                         help="Optimizer steps before the save."),
+            click.option("--save-mode", type=click.Choice(["sync", "async"]), default=None,
+                         help="dcp.save (sync, the default), or dcp.async_save waited on before the load."),
+            click.option("--width", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
+                         help="Multiplies the model dims (ws, 2·ws, 3·ws) to scale the checkpoint; need not divide evenly."),
+            click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True),
+            click.option("--thread-count", type=click.IntRange(1, 256), default=1, show_default=True,
+                         help="FileSystemWriter threads per rank."),
+            click.option("--sync-files/--no-sync-files", default=True, show_default=True,
+                         help="fsync each file DCP writes."),
+            click.option("--single-file-per-rank/--no-single-file-per-rank", default=True, show_default=True,
+                         help="One file per rank, or one per tensor."),
+        ]):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def run_on_ranks(command: str, body, *, device, timeout, json_target, verbose, render, verdict, document) -> None:
+    """Hand a command's work to the per-rank runner and exit with its code."""
+    from fsdpck import runner
+
+    code = runner.run_distributed(command, body, device=device, timeout=timeout, json_target=json_target,
+                                  verbose=verbose, render=render, verdict=verdict, document=document)
+    click.get_current_context().exit(code)
+
+
+def _writer(thread_count: int, sync_files: bool, single_file_per_rank: bool):
+    from fsdpck.flows import WriterOptions
+
+    return WriterOptions(thread_count=thread_count, sync_files=sync_files, single_file_per_rank=single_file_per_rank)
+
+
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--checkpoint-dir", type=click.Path(file_okay=True, dir_okay=True), default=None,
               help="Where to write the checkpoints (each flow in its own subdirectory). Default: a fresh temporary dir.")
-@click.option("--keep", is_flag=True, help="Keep the checkpoints after a verified run (a failed run always keeps them).")
+@click.option("--keep", is_flag=True, help="Keep the checkpoints (with a manifest each) after a verified run; a failed run always keeps them.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty --checkpoint-dir, replacing only fsdpck's own subdirectories.")
 @click.option("--planner", type=click.Choice(["default", "none", "both"]), default="both", show_default=True,
               help="Load planner: DCP's DefaultLoadPlanner, none, or both (each in its own subdirectory).")
-@click.option("--fsdp", type=click.Choice(["1", "2"]), default=None,
-              help="FSDP1 (FullyShardedDataParallel, ShardedTensor state; the default) or FSDP2 (fully_shard, DTensor state).")
-@click.option("--api", type=click.Choice(["legacy", "dsd"]), default=None,
-              help="State-dict API: legacy (FSDP.optim_state_dict, FSDP1 only) or dsd (get_state_dict/set_state_dict). "
-                   "Default: legacy for FSDP1, dsd for FSDP2.")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "adagrad", "rmsprop", "all"]), default="adam",
-              show_default=True, help="Optimizer (hyper-parameters fixed, see README); all = each in turn.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "all"]), default="float32", show_default=True,
-              help="dtype of parameters and optimizer state; all = each in turn.")
-@click.option("--steps", type=click.IntRange(1, 10_000), default=1, show_default=True, help="Optimizer steps before the save.")
-@click.option("--save-mode", type=click.Choice(["sync", "async"]), default=None,
-              help="dcp.save (sync, the default), or dcp.async_save waited on before the load.")
+@state_options(matrix=True)
 @click.option("--matrix", is_flag=True,
               help="Run every valid combination of fsdp × api × planner × save mode in one launch (narrowed by any of "
                    "those options given); a summary row per combination.")
 @click.option("--details", is_flag=True, help="With --matrix: print the per-FQN table of every combination, not only the failed ones.")
-@click.option("--width", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
-              help="Multiplies the model dims (ws, 2·ws, 3·ws) to scale the checkpoint.")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
 @click.option("--atol", type=float, default=0.0, show_default=True, callback=_positive_float,
               help="Absolute tolerance (default: bitwise equality).")
 @click.option("--rtol", type=float, default=0.0, show_default=True, callback=_positive_float,
               help="Relative tolerance (default: bitwise equality).")
 @click.option("--self-test", is_flag=True, help="Flip one bit of the loaded state on one rank: verify must report exactly that row and exit 1.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto: cuda:LOCAL_RANK with NCCL where GPUs are present, else CPU with gloo.")
-@click.option("--timeout", type=click.FloatRange(1, 86_400), default=300.0, show_default=True,
-              help="Seconds any collective may wait before the run fails (exit 3) instead of hanging.")
-@click.option("--json", "json_target", metavar="PATH|-", default=None, help="Write the fsdpck.verify/1 JSON document there (- for stdout).")
-@click.option("-v", "--verbose", is_flag=True, help="Show PyTorch's warnings (hidden and counted by default).")
-@click.option("-n", "--nproc-per-node", "nproc", type=click.IntRange(1, 1024), default=None,
-              help="Start N workers on this host through PyTorch's elastic launcher and exit with their exact fsdpck code "
-                   "(torchrun turns every failure into 1).")
-def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype, steps, save_mode, matrix, details,
-           width, seed, atol, rtol, self_test, device, timeout, json_target, verbose) -> None:
+@run_options("fsdpck.verify/1")
+def verify(checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype, steps, save_mode, width, seed,
+           thread_count, sync_files, single_file_per_rank, matrix, details, atol, rtol, self_test,
+           device, timeout, json_target, verbose, nproc) -> None:
     """Round-trip sharded optimizer state through DCP and compare every (FQN, state), shard-locally.
 
     Builds the three-layer model of PyTorch's DCP optimizer-state test, takes optimizer
@@ -161,6 +219,7 @@ def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer
     Examples:
       torchrun --nproc_per_node=2 fsdpck verify
       torchrun --nproc_per_node=8 fsdpck verify --checkpoint-dir /shared/ck-preflight --overwrite
+      fsdpck verify -n 8                   # fsdpck starts 8 workers: exact exit code
       fsdpck verify --fsdp 2 --optimizer adamw --dtype bfloat16
       torchrun --nproc_per_node=4 -m fsdpck verify --matrix --optimizer all
       fsdpck verify --self-test            # proves the check can fail: exit 1, one row
@@ -168,7 +227,7 @@ def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer
     """
     if nproc is not None:
         launch_workers(nproc)
-    from fsdpck import report, runner
+    from fsdpck import report
     from fsdpck.compare import Tolerance
     from fsdpck.flows import select
     from fsdpck.roundtrip import VerifyOptions, run_verify
@@ -178,20 +237,87 @@ def verify(nproc, checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer
                    planner=planner if (planner_given or not matrix) else "both",
                    save_mode=save_mode, optimizer=optimizer, dtype=dtype, steps=steps)
     opts = VerifyOptions(flows=flows, checkpoint_dir=checkpoint_dir, keep=keep, overwrite=overwrite,
-                         tolerance=Tolerance(atol=atol, rtol=rtol), self_test=self_test, width=width, seed=seed)
-    code = runner.run_distributed(
-        "verify",
-        lambda ctx: run_verify(opts, ctx=ctx),
-        device=device,
-        timeout=timeout,
-        json_target=json_target,
+                         tolerance=Tolerance(atol=atol, rtol=rtol), self_test=self_test, width=width, seed=seed,
+                         writer=_writer(thread_count, sync_files, single_file_per_rank))
+    run_on_ranks(
+        "verify", lambda ctx: run_verify(opts, ctx=ctx), device=device, timeout=timeout, json_target=json_target,
         verbose=verbose,
         render=lambda result, wl: report.render_verify(result, warnings_count=sum(w["count"] for w in wl),
                                                        summary=matrix or len(flows) > 2, details=details),
-        verdict=report.verdict,
-        document=report.verify_document,
+        verdict=report.verdict, document=report.verify_document,
     )
-    click.get_current_context().exit(code)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("directory", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--overwrite", is_flag=True, help="Replace an earlier fsdpck save in DIRECTORY (its .metadata goes first).")
+@state_options(matrix=False)
+@run_options("fsdpck.save/1")
+def save(directory, overwrite, fsdp, api, optimizer, dtype, steps, save_mode, width, seed,
+         thread_count, sync_files, single_file_per_rank, device, timeout, json_target, verbose, nproc) -> None:
+    """Train, save model + sharded optimizer state to DIRECTORY with DCP, and write the manifest.
+
+    The manifest (DIRECTORY/fsdpck.json) records the world size, the flow, the model dims
+    and, per DCP key, the exact fingerprint of the value saved. `fsdpck load` checks
+    against it at any world size.
+
+    \b
+    Examples:
+      torchrun --nproc_per_node=8 -m fsdpck save /shared/ck-8
+      torchrun --nproc_per_node=2 -m fsdpck load /shared/ck-8      # resharded 8 -> 2
+      fsdpck save -n 4 /shared/ck --fsdp 2 --width 1000 --dtype bfloat16
+    """
+    if nproc is not None:
+        launch_workers(nproc)
+    from fsdpck import report
+    from fsdpck.flows import select
+    from fsdpck.saveload import SaveOptions, run_save
+
+    (flow,) = select(matrix=False, fsdp=int(fsdp) if fsdp else None, api=api, planner="default",
+                     save_mode=save_mode, optimizer=optimizer, dtype=dtype, steps=steps)
+    opts = SaveOptions(directory=directory, flow=flow, overwrite=overwrite, width=width, seed=seed,
+                       writer=_writer(thread_count, sync_files, single_file_per_rank))
+    run_on_ranks(
+        "save", lambda ctx: run_save(opts, ctx=ctx), device=device, timeout=timeout, json_target=json_target,
+        verbose=verbose, render=lambda result, wl: report.render_save(result, warnings_count=sum(w["count"] for w in wl)),
+        verdict=report.save_verdict, document=report.save_document,
+    )
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("directories", metavar="DIRECTORY...", nargs=-1, required=True, type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--fsdp", type=click.Choice(["1", "2"]), default=None,
+              help="Load through FSDP1 or FSDP2 (default: the one the save used).")
+@click.option("--api", type=click.Choice(["legacy", "dsd"]), default=None,
+              help="Load through the legacy functions (FSDP1 only) or the state_dict API (default: the save's).")
+@click.option("--planner", type=click.Choice(["default", "none"]), default="default", show_default=True,
+              help="Load planner.")
+@click.option("--self-test", is_flag=True, help="Flip one bit of the loaded state on one rank: load must report exactly that key and exit 1.")
+@run_options("fsdpck.load/1")
+def load(directories, fsdp, api, planner, self_test, device, timeout, json_target, verbose, nproc) -> None:
+    """Load checkpoints written by `fsdpck save` at any world size and check every key against the manifest.
+
+    The model is rebuilt with the dims the manifest records, so the shapes match whatever
+    the world size now. Each rank fingerprints what it loaded; the per-key table says
+    match / differs / missing / unexpected. Several dirs are checked in one launch.
+
+    \b
+    Examples:
+      torchrun --nproc_per_node=2 -m fsdpck load /shared/ck-8
+      fsdpck load -n 3 /shared/ck-8 --fsdp 2 --api dsd   # FSDP1/legacy save -> FSDP2/dsd load
+      fsdpck load /shared/ck-8 --json - | jq .exit_code
+    """
+    if nproc is not None:
+        launch_workers(nproc)
+    from fsdpck import report
+    from fsdpck.saveload import LoadOptions, run_load
+
+    opts = LoadOptions(directories=list(directories), fsdp=int(fsdp) if fsdp else None, api=api, planner=planner, self_test=self_test)
+    run_on_ranks(
+        "load", lambda ctx: run_load(opts, ctx=ctx), device=device, timeout=timeout, json_target=json_target,
+        verbose=verbose, render=lambda result, wl: report.render_load(result, warnings_count=sum(w["count"] for w in wl)),
+        verdict=report.load_verdict, document=report.load_document,
+    )
 
 
 # Commands defined in other modules are registered below.

@@ -215,3 +215,125 @@ def verify_document(result=None, *, code: int, error: str | None = None, warning
                 }
             )
     return doc
+
+
+# --- save / load ---------------------------------------------------------------------
+
+SAVE_SCHEMA = "fsdpck.save/1"
+LOAD_SCHEMA = "fsdpck.load/1"
+
+
+def _phases(t: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}s" for k, v in t.items())
+
+
+def render_save(result, *, warnings_count: int = 0):
+    from rich.text import Text
+
+    d = result.dims
+    return Text(
+        f"saved {result.keys} keys ({result.tensors} tensors, {human_bytes(result.bytes_written)}) through "
+        f"{result.flow.name} at world size {result.world_size} to {result.directory}\n"
+        f"model dims {d.inp}→{d.a}→{d.b}→{d.c}; manifest {result.directory}/fsdpck.json\n"
+        f"phases (slowest rank): {_phases(result.timings)}; {warnings_count} PyTorch warning(s) hidden"
+    )
+
+
+def save_verdict(result=None, *, code: int, error: str | None = None) -> str:
+    if error is not None:
+        return f"fsdpck save: FAILED (exit {code}) — {error}"
+    return (f"fsdpck save: SAVED (exit 0) — {result.keys} keys at world size {result.world_size}, "
+            f"manifest written, {result.directory}")
+
+
+def save_document(result=None, *, code: int, error: str | None = None, warnings=None, ctx=None, elapsed=None):
+    doc: dict[str, Any] = {
+        "schema": SAVE_SCHEMA, "versions": versions(), "exit_code": code, "outcome": EXIT_MEANING.get(code, "unknown"),
+        "verdict": save_verdict(result, code=code, error=error), "error": error, "elapsed_s": elapsed,
+        "world_size": ctx.world_size if ctx else None, "backend": ctx.backend if ctx else None,
+        "device": str(ctx.device) if ctx else None,
+        "warnings": {"count": sum(w["count"] for w in warnings or []), "distinct": warnings or []},
+    }
+    if result is not None:
+        doc.update({"directory": result.directory, "flow": result.flow.as_dict(), "model_dims": result.dims.as_list(),
+                    "keys": result.keys, "tensors": result.tensors, "bytes_written": result.bytes_written,
+                    "timings_s": result.timings})
+    return doc
+
+
+def load_table(result):
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"{result.directory}: saved at world size {result.saved_world_size} "
+                        f"({result.save_flow.get('fsdp')}/{result.save_flow.get('api')}), loaded at "
+                        f"{result.world_size} ({result.load_flow.fsdp}/{result.load_flow.api})",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("DCP key", no_wrap=True, overflow="fold")
+    table.add_column("shape", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    table.add_column("saved", no_wrap=True)
+    table.add_column("loaded", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for r in result.rows:
+        shape = "×".join(map(str, r.shape)) if r.shape else ("scalar" if r.shape == [] else "—")
+
+        def short(v):
+            return "—" if v is None else (v if len(v) <= 18 else v[:17] + "…")
+
+        loaded = "=" if r.status == "match" and r.saved == r.loaded else short(r.loaded)
+        status = f"[{_STATUS_STYLE.get(r.status, 'bold red')}]{r.status.upper()}[/]" + (f" {r.note}" if r.note else "")
+        table.add_row(r.key, shape, r.dtype or "—", short(r.saved), loaded, status)
+    return table
+
+
+def render_load(run, *, warnings_count: int = 0):
+    from rich.console import Group
+    from rich.text import Text
+
+    parts: list[Any] = []
+    for result in run.results:
+        parts.append(load_table(result))
+        if result.self_test:
+            s = result.self_test
+            parts.append(Text(f"self-test: flipped one bit of {s['fqn']}/{s['state']} on rank {s['rank']}"))
+        parts.append(Text(f"phases (slowest rank): {_phases(result.timings)}"))
+        parts.append(Text(""))
+    parts.append(Text(f"{warnings_count} PyTorch warning(s) hidden (--verbose shows them)"))
+    return Group(*parts)
+
+
+def load_verdict(run=None, *, code: int, error: str | None = None) -> str:
+    if error is not None:
+        return f"fsdpck load: FAILED (exit {code}) — {error}"
+    n = sum(len(r.rows) for r in run.results)
+    saved = sorted({r.saved_world_size for r in run.results})
+    where = f"saved at world size {', '.join(map(str, saved))}, loaded at {run.world_size}"
+    dirs = f"{len(run.results)} checkpoints, " if len(run.results) > 1 else ""
+    if code == 0:
+        return f"fsdpck load: VERIFIED (exit 0) — {dirs}{n} keys match the manifest; {where}"
+    bad = [(r, row) for r in run.results for row in r.differing]
+    first = ", ".join(f"{row.key} ({row.status})" for _, row in bad[:3]) + (" …" if len(bad) > 3 else "")
+    if len(run.results) > 1:
+        first = f"first in {bad[0][0].directory}: {first}"
+    return f"fsdpck load: DIFFERENCE (exit {code}) — {dirs}{len(bad)} of {n} keys: {first}; {where}"
+
+
+def load_document(run=None, *, code: int, error: str | None = None, warnings=None, ctx=None, elapsed=None):
+    doc: dict[str, Any] = {
+        "schema": LOAD_SCHEMA, "versions": versions(), "exit_code": code, "outcome": EXIT_MEANING.get(code, "unknown"),
+        "verdict": load_verdict(run, code=code, error=error), "error": error, "elapsed_s": elapsed,
+        "world_size": ctx.world_size if ctx else None, "backend": ctx.backend if ctx else None,
+        "device": str(ctx.device) if ctx else None,
+        "warnings": {"count": sum(w["count"] for w in warnings or []), "distinct": warnings or []},
+        "checkpoints": [],
+    }
+    for result in run.results if run is not None else []:
+        doc["checkpoints"].append({
+            "directory": result.directory, "saved_world_size": result.saved_world_size,
+            "save_flow": result.save_flow, "load_flow": result.load_flow.as_dict(), "model_dims": result.dims.as_list(),
+            "timings_s": result.timings, "self_test": result.self_test, "exit_code": result.exit_code,
+            "keys_compared": len(result.rows), "keys_differing": len(result.differing),
+            "rows": [r.as_dict() for r in result.rows],
+        })
+    return doc

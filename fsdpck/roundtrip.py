@@ -40,6 +40,17 @@ class PhaseTracker:
         yield
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
+    def max_times(self, ctx) -> dict[str, float]:
+        """The slowest rank's time per phase (a collective: every rank calls it with the same phases)."""
+        import torch
+        import torch.distributed as dist
+
+        names = list(self.times)  # execution order, the same on every rank
+        t = torch.tensor([self.times[n] for n in names], dtype=torch.float64, device=ctx.collective_device)
+        if ctx.world_size > 1 and names:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return dict(zip(names, t.cpu().tolist()))
+
 
 _tracker = PhaseTracker(0)
 
@@ -49,8 +60,11 @@ def current_phase() -> str:
     return _tracker.current
 
 
-def set_phase(name: str) -> None:
-    _tracker.current = name
+def set_tracker(tracker: PhaseTracker) -> PhaseTracker:
+    """Make ``tracker`` the one error messages read the current phase from."""
+    global _tracker
+    _tracker = tracker
+    return tracker
 
 
 @dataclass(slots=True)
@@ -125,8 +139,7 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
     from fsdpck import flows, model as mdl
     from fsdpck.workdir import dir_bytes
 
-    global _tracker
-    tracker = _tracker = PhaseTracker(ctx.rank)
+    tracker = set_tracker(PhaseTracker(ctx.rank))
     result = FlowResult(flow=flow, path=str(path))
     with tracker.phase("step"):
         net = mdl.wrap(mdl.build_model(dims, seed=opts.seed, dtype=flow.dtype, device=ctx.device),
@@ -135,10 +148,20 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
         mdl.train_steps(net, optim, steps=flow.steps, seed=opts.seed, rank=ctx.rank, dims=dims, dtype=flow.dtype, device=ctx.device)
     with tracker.phase("state-dict"):
         state, before = flows.state_for_save(net, optim, flow)
+    entries = None
+    if opts.keep:
+        from fsdpck.saveload import make_manifest, state_entries
+
+        with tracker.phase("fingerprint"):
+            entries = state_entries(state, ctx=ctx)  # a kept checkpoint gets a manifest, as `fsdpck save` writes
     with tracker.phase("save"):
         flows.save(state, path, flow, opts.writer)
         if ctx.world_size > 1:
             dist.barrier()
+    if entries is not None and ctx.is_rank0:
+        from fsdpck.manifest import write_manifest
+
+        write_manifest(path, make_manifest(entries, ctx=ctx, flow=flow, dims=dims, width=opts.width, seed=opts.seed))
     with tracker.phase("load"):
         net2 = mdl.wrap(mdl.build_model(dims, seed=opts.seed + 1, dtype=flow.dtype, device=ctx.device),
                         fsdp=flow.fsdp, device=ctx.device, world_size=ctx.world_size)
@@ -149,13 +172,10 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
             result.self_test = flip_one_bit(after, ctx=ctx)
         result.rows = compare_views(before, after, ctx=ctx, tol=opts.tolerance)
     # Slowest rank per phase, and the state's size: scalars only cross ranks.
-    names = list(PHASE_NAMES)
-    times = torch.tensor([tracker.times.get(n, 0.0) for n in names], dtype=torch.float64, device=ctx.collective_device)
     size = torch.tensor([_local_state_bytes(before)], dtype=torch.float64, device=ctx.collective_device)
     if ctx.world_size > 1:
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)
         dist.all_reduce(size)
-    result.timings = dict(zip(names, times.cpu().tolist()))
+    result.timings = tracker.max_times(ctx)
     result.state_bytes = int(size.item())
     if ctx.is_rank0:
         result.bytes_written = dir_bytes(path)
