@@ -22,5 +22,16 @@ step python3 -m fsdpck load -n 2 "$CK/fsdp1" "$CK/fsdp2" --json "$OUT/load2.json
 step python3 -m fsdpck load -n 2 "$CK/fsdp1" --fsdp 2
 step python3 -m fsdpck inspect "$CK/fsdp2" --verify-data
 step python3 -m pytest -q tests/test_fingerprint.py -k "cuda or device" -p no:cacheprovider
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -ge 4 ]; then
+    # A node's worth of GPUs: the matrix at N ranks, and resharding N -> 2 and N -> N with both flows.
+    step python3 -m fsdpck verify -n "$NGPU" --matrix --json "$OUT/matrix$NGPU.json"
+    step python3 -m fsdpck save -n "$NGPU" "$CK/fsdp1-$NGPU"
+    step python3 -m fsdpck save -n "$NGPU" "$CK/fsdp2-$NGPU" --fsdp 2
+    step python3 -m fsdpck load -n 2 "$CK/fsdp1-$NGPU" "$CK/fsdp2-$NGPU" --json "$OUT/load${NGPU}to2.json"
+    step python3 -m fsdpck load -n "$NGPU" "$CK/fsdp1-$NGPU" "$CK/fsdp2-$NGPU"
+    step python3 -m fsdpck load -n 2 "$CK/fsdp1-$NGPU" --fsdp 2
+    step python3 -m fsdpck load -n "$NGPU" "$CK/fsdp2-$NGPU" --fsdp 1 --api legacy
+fi
 } 2>&1 | tee "$OUT/gpu_check.log"
 rm -rf "$CK"
