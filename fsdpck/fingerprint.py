@@ -17,8 +17,8 @@ Typical use on a rank::
     (total,) = allreduce_sum_u64([partial], device=dev)  # same on every rank
     manifest[fqn]["fingerprint"] = to_hex(total)
 
-The torch arithmetic runs on the tensor's own device in bounded pieces of at most
-``PIECE_NUMEL`` elements, so its working memory stays a few buffers of that size however
+The torch arithmetic runs on the tensor's own device in bounded pieces (:func:`piece_numel`
+elements, at most 1 << 22), so its working memory stays a few buffers of that size however
 large the shard is. :func:`fp_reference` is a torch-free transcription of the definition
 that the tests hold the torch path to.
 
@@ -37,16 +37,21 @@ if TYPE_CHECKING:
 
 MASK64 = (1 << 64) - 1
 
-# At most this many elements are processed at once on the CPU. Each piece needs up to four
-# int64 buffers of this size (index pattern, running hash, shift temporary, widened bits),
-# so 1 << 18 is 8 MiB in all: large enough that per-op Python overhead is small, small
-# enough that the buffers mostly stay in cache (measured fastest of 1 << 14 ... 1 << 20).
-# Tests lower it to split inside chunks.
-PIECE_NUMEL = 1 << 18
+# How many elements are processed at once: None picks per device (see piece_numel), an int
+# fixes it everywhere (tests set small ones so that pieces split inside chunks). Each piece
+# needs up to four int64 buffers of this many elements (index pattern, running hash, shift
+# temporary, widened bits), so memory stays bounded whatever the shard size.
+PIECE_NUMEL: int | None = None
 
-# On an accelerator each op is a kernel launch, so pieces are this many times larger
-# (1 << 22 elements, 128 MiB of buffers by default) to keep launch overhead small.
-DEVICE_PIECE_FACTOR = 16
+# On the CPU about this many elements per intra-op thread keeps each thread's share of the
+# buffers in its cache while per-op overhead stays small (scripts/bench_fingerprint.py:
+# 1 << 18 was fastest on 2 threads of 1 << 14 ... 1 << 20, and 1 << 20 on 16 threads of
+# 1 << 18 ... 1 << 22). Never fewer than _CPU_MIN_PIECE, never more than _MAX_PIECE.
+_CPU_PIECE_PER_THREAD = 1 << 16
+_CPU_MIN_PIECE = 1 << 18
+# On an accelerator each op is a kernel launch, so pieces are as large as is still small
+# next to its memory: 1 << 22 elements is 128 MiB of buffers.
+_MAX_PIECE = 1 << 22
 
 # The SplitMix64 finaliser's multipliers, and the same bits as signed int64 values, which
 # is how torch's int64 multiplication (wrapping two's complement, i.e. mod 2**64) takes them.
@@ -194,6 +199,17 @@ def _check_placement(shape: Sequence[int], global_shape: Sequence[int], offsets:
             )
 
 
+def piece_numel(device: torch.device) -> int:
+    """How many elements :func:`fp_chunk` processes at once on ``device``."""
+    import torch
+
+    if PIECE_NUMEL is not None:
+        return max(1, int(PIECE_NUMEL))
+    if torch.device(device).type == "cpu":
+        return min(_MAX_PIECE, max(_CPU_MIN_PIECE, _CPU_PIECE_PER_THREAD * torch.get_num_threads()))
+    return _MAX_PIECE
+
+
 def fp_chunk(t: torch.Tensor, *, global_shape: Sequence[int], offsets: Sequence[int]) -> int:
     """The partial fingerprint of chunk ``t`` placed at ``offsets`` inside a tensor of ``global_shape``.
 
@@ -215,21 +231,19 @@ def fp_chunk(t: torch.Tensor, *, global_shape: Sequence[int], offsets: Sequence[
         # A 0-dim tensor is one element at global index 0.
         bits, shape, global_shape, offsets = bits.reshape(1), [1], [1], [0]
 
-    piece_numel = max(1, int(PIECE_NUMEL))
-    if bits.device.type != "cpu":
-        piece_numel *= DEVICE_PIECE_FACTOR
+    numel_per_piece = piece_numel(bits.device)
     strides = _row_major_strides(global_shape)
     ndim = len(shape)
 
     # Pieces are blocks t[o_0, ..., o_{k-1}, s:s+rows] over the trailing dims k..ndim-1:
     # pick the outermost k whose trailing dims (after k) fit in a piece, so that pieces
-    # are large and the Python loop runs about numel / PIECE_NUMEL times.
+    # are large and the Python loop runs about numel / numel_per_piece times.
     k = ndim - 1
     inner = 1
-    while k > 0 and inner * shape[k] <= piece_numel:
+    while k > 0 and inner * shape[k] <= numel_per_piece:
         inner *= shape[k]
         k -= 1
-    rows = min(shape[k], max(1, piece_numel // inner))
+    rows = min(shape[k], max(1, numel_per_piece // inner))
 
     with torch.no_grad():
         device = bits.device

@@ -46,7 +46,11 @@ def describe_exception(e: BaseException) -> str:
         return describe_checkpoint_exception(e)
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
-    if "Timed out" in str(e) or "timeout" in str(e).lower() and "collective" in str(e).lower():
+    lowered = str(e).lower()
+    if "connection reset by peer" in lowered or "connection closed by peer" in lowered or "broken pipe" in lowered:
+        return ("another rank went away during a collective (it exited or was killed); its own message, or the "
+                "launcher's summary, names it")
+    if "timed out" in lowered or ("timeout" in lowered and "collective" in lowered):
         return f"a collective timed out ({first[:300]}); a rank stopped responding — see --timeout"
     if isinstance(e, OSError) and e.errno == 28:
         return f"no space left on device writing {e.filename or 'the checkpoint dir'}"
