@@ -114,6 +114,23 @@ def _positive_float(ctx, param, value):
     return value
 
 
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    from fsdpck.model import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def _check_width_or_size(width: int, size: int | None) -> None:
+    ctx = click.get_current_context()
+    if size is not None and ctx.get_parameter_source("width") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--width and --size both choose the model's width: give one", ctx=ctx)
+
+
 def run_options(schema: str):
     """Options of every command that runs on ranks: device, timeout, JSON, verbosity, -n."""
 
@@ -159,6 +176,8 @@ def state_options(*, matrix: bool):
                          help="dcp.save (sync, the default), or dcp.async_save waited on before the load."),
             click.option("--width", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
                          help="Multiplies the model dims (ws, 2·ws, 3·ws) to scale the checkpoint; need not divide evenly."),
+            click.option("--size", "size", metavar="SIZE", default=None, callback=_size,
+                         help="Pick --width so the checkpoint holds about SIZE of model + optimizer state (500MB, 8GB, 1.5GiB)."),
             click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True),
             click.option("--thread-count", type=click.IntRange(1, 256), default=1, show_default=True,
                          help="FileSystemWriter threads per rank."),
@@ -206,7 +225,7 @@ def _writer(thread_count: int, sync_files: bool, single_file_per_rank: bool):
               help="Relative tolerance (default: bitwise equality).")
 @click.option("--self-test", is_flag=True, help="Flip one bit of the loaded state on one rank: verify must report exactly that row and exit 1.")
 @run_options("fsdpck.verify/1")
-def verify(checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype, steps, save_mode, width, seed,
+def verify(checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype, steps, save_mode, width, size, seed,
            thread_count, sync_files, single_file_per_rank, matrix, details, atol, rtol, self_test,
            device, timeout, json_target, verbose, nproc) -> None:
     """Round-trip sharded optimizer state through DCP and compare every (FQN, state), shard-locally.
@@ -223,8 +242,10 @@ def verify(checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype
       fsdpck verify --fsdp 2 --optimizer adamw --dtype bfloat16
       torchrun --nproc_per_node=4 -m fsdpck verify --matrix --optimizer all
       fsdpck verify --self-test            # proves the check can fail: exit 1, one row
+      fsdpck verify -n 2 --size 8GB --checkpoint-dir /shared/ck   # can the storage take a real one?
       fsdpck verify --json report.json     # same facts for scripts (schema fsdpck.verify/1)
     """
+    _check_width_or_size(width, size)
     if nproc is not None:
         launch_workers(nproc)
     from fsdpck import report
@@ -237,7 +258,7 @@ def verify(checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype
                    planner=planner if (planner_given or not matrix) else "both",
                    save_mode=save_mode, optimizer=optimizer, dtype=dtype, steps=steps)
     opts = VerifyOptions(flows=flows, checkpoint_dir=checkpoint_dir, keep=keep, overwrite=overwrite,
-                         tolerance=Tolerance(atol=atol, rtol=rtol), self_test=self_test, width=width, seed=seed,
+                         tolerance=Tolerance(atol=atol, rtol=rtol), self_test=self_test, width=width, size=size, seed=seed,
                          writer=_writer(thread_count, sync_files, single_file_per_rank))
     run_on_ranks(
         "verify", lambda ctx: run_verify(opts, ctx=ctx), device=device, timeout=timeout, json_target=json_target,
@@ -253,7 +274,7 @@ def verify(checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype
 @click.option("--overwrite", is_flag=True, help="Replace an earlier fsdpck save in DIRECTORY (its .metadata goes first).")
 @state_options(matrix=False)
 @run_options("fsdpck.save/1")
-def save(directory, overwrite, fsdp, api, optimizer, dtype, steps, save_mode, width, seed,
+def save(directory, overwrite, fsdp, api, optimizer, dtype, steps, save_mode, width, size, seed,
          thread_count, sync_files, single_file_per_rank, device, timeout, json_target, verbose, nproc) -> None:
     """Train, save model + sharded optimizer state to DIRECTORY with DCP, and write the manifest.
 
@@ -267,6 +288,7 @@ def save(directory, overwrite, fsdp, api, optimizer, dtype, steps, save_mode, wi
       torchrun --nproc_per_node=2 -m fsdpck load /shared/ck-8      # resharded 8 -> 2
       fsdpck save -n 4 /shared/ck --fsdp 2 --width 1000 --dtype bfloat16
     """
+    _check_width_or_size(width, size)
     if nproc is not None:
         launch_workers(nproc)
     from fsdpck import report
@@ -275,7 +297,7 @@ def save(directory, overwrite, fsdp, api, optimizer, dtype, steps, save_mode, wi
 
     (flow,) = select(matrix=False, fsdp=int(fsdp) if fsdp else None, api=api, planner="default",
                      save_mode=save_mode, optimizer=optimizer, dtype=dtype, steps=steps)
-    opts = SaveOptions(directory=directory, flow=flow, overwrite=overwrite, width=width, seed=seed,
+    opts = SaveOptions(directory=directory, flow=flow, overwrite=overwrite, width=width, size=size, seed=seed,
                        writer=_writer(thread_count, sync_files, single_file_per_rank))
     run_on_ranks(
         "save", lambda ctx: run_save(opts, ctx=ctx), device=device, timeout=timeout, json_target=json_target,

@@ -225,7 +225,7 @@ def _lookup(view: dict[str, Any], key: tuple[str, str], rank: int) -> _Local | N
     return describe(states[name], rank)
 
 
-def compare_views(before: dict[str, Any], after: dict[str, Any], *, ctx, tol: Tolerance, fingerprints: bool = True) -> list[Row]:
+def compare_views(before: dict[str, Any], after: dict[str, Any], *, ctx, tol: Tolerance, fingerprints: bool = False) -> list[Row]:
     """Compare two optimizer views shard-locally and reduce the results across ranks."""
     import torch
     import torch.distributed as dist
@@ -241,27 +241,18 @@ def compare_views(before: dict[str, Any], after: dict[str, Any], *, ctx, tol: To
     keys.sort(key=lambda k: (k[0].startswith("param_groups["), k))
 
     sums, maxes, meta = [], [], []
-    fp_parts: list[int] = []
     for key in keys:
         b, a = _lookup(before, key, ctx.rank), _lookup(after, key, ctx.rank)
         s, m = _measure(b, a, tol)
         sums.append(s)
         maxes.append(m)
         meta.append(b or a)
-        if fingerprints:
-            fp_parts.extend(_fingerprint_parts(b))
-            fp_parts.extend(_fingerprint_parts(a))
     dev = ctx.collective_device
     sum_t = torch.tensor(sums, dtype=torch.float64, device=dev).reshape(len(keys), len(_SUM))
     max_t = torch.tensor(maxes, dtype=torch.float64, device=dev).reshape(len(keys), len(_MAX))
     if ctx.world_size > 1:
         dist.all_reduce(sum_t, op=dist.ReduceOp.SUM)
         dist.all_reduce(max_t, op=dist.ReduceOp.MAX)
-    fps: list[int] | None = None
-    if fingerprints:
-        from fsdpck.fingerprint import allreduce_sum_u64
-
-        fps = allreduce_sum_u64(fp_parts, device=dev) if ctx.world_size > 1 else fp_parts
     sum_l, max_l = sum_t.cpu().tolist(), max_t.cpu().tolist()
 
     rows = []
@@ -291,13 +282,27 @@ def compare_views(before: dict[str, Any], after: dict[str, Any], *, ctx, tol: To
             b, a = _lookup(before, key, ctx.rank), _lookup(after, key, ctx.rank)
             if b is not None and a is not None:
                 row.note = "differs: " + ", ".join(param_group_differences(b.obj, a.obj)[1])
-        if fps is not None and info is not None and info.sharding not in ("object", "param group"):
-            from fsdpck.fingerprint import to_hex
-
-            row.fp_before = to_hex(fps[2 * i]) if s["present_before"] else None
-            row.fp_after = to_hex(fps[2 * i + 1]) if s["present_after"] else None
         rows.append(row)
+    if fingerprints:
+        attach_fingerprints(rows, before, after, ctx=ctx)
     return rows
+
+
+def attach_fingerprints(rows: list[Row], before: dict[str, Any], after: dict[str, Any], *, ctx) -> None:
+    """Fill each tensor row's fingerprint saved/loaded: partial sums per rank, one collective of scalars."""
+    from fsdpck.fingerprint import allreduce_sum_u64, to_hex
+
+    parts: list[int] = []
+    for row in rows:
+        key = (row.fqn, row.state)
+        parts.extend(_fingerprint_parts(_lookup(before, key, ctx.rank)))
+        parts.extend(_fingerprint_parts(_lookup(after, key, ctx.rank)))
+    fps = allreduce_sum_u64(parts, device=ctx.collective_device) if ctx.world_size > 1 else parts
+    for i, row in enumerate(rows):
+        if row.sharding in ("object", "param group", "?"):
+            continue
+        row.fp_before = to_hex(fps[2 * i]) if row.status != "unexpected" else None
+        row.fp_after = to_hex(fps[2 * i + 1]) if row.status != "missing" else None
 
 
 def _fingerprint_parts(info: _Local | None) -> list[int]:

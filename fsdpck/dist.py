@@ -42,6 +42,7 @@ class DistContext:
     launched: bool  # under torchrun (or fsdpck's own launcher) rather than a plain process
     timeout_s: float
     node_count: int = 1
+    baseline_rss: int = 0  # peak RSS right after set-up: PyTorch's own share, before any state exists
     on_failure: list = field(default_factory=list)  # callbacks run on rank 0 before a watchdog exit
 
     @property
@@ -122,6 +123,9 @@ def setup(*, device: str = "auto", timeout_s: float = 300.0) -> DistContext:
         timeout_s=timeout_s,
         node_count=max(1, world // max(1, local_world)),
     )
+    import resource
+
+    ctx.baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _state["ctx"] = ctx
     _state["hard_exit"] = world > 1
     if world > 1:

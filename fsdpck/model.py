@@ -26,6 +26,26 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
 
 DTYPES = ("float32", "bfloat16")
 
+# Tensors of optimizer state per parameter, each the parameter's shape (scalars not counted).
+STATE_TENSORS = {"adam": 2, "adamw": 2, "sgd": 1, "adagrad": 1, "rmsprop": 1}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2}
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'8GB', '500 MB', '1.5GiB', '1024' (bytes) -> bytes; ValueError with the accepted forms."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
+    unit = (m.group(2) or "b").lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size such as 500MB, 8GB or 1.5GiB")
+    value = float(m.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise ValueError(f"{text!r} is less than one byte")
+    return int(value)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelDims:
@@ -51,6 +71,25 @@ class ModelDims:
 
     def param_count(self) -> int:
         return (self.inp + 1) * self.a + (self.a + 1) * self.b + (self.b + 1) * self.c
+
+
+def checkpoint_bytes(dims: ModelDims, *, optimizer: str, dtype: str) -> int:
+    """Bytes of model + optimizer tensors the checkpoint holds (scalars and metadata aside)."""
+    return dims.param_count() * _ITEMSIZE[dtype] * (1 + STATE_TENSORS[optimizer])
+
+
+def width_for_size(target: int, *, world_size: int, optimizer: str, dtype: str) -> int:
+    """The smallest --width whose checkpoint is at least ``target`` bytes (at least 1)."""
+    lo, hi = 1, 1
+    while checkpoint_bytes(ModelDims.for_world(world_size, hi), optimizer=optimizer, dtype=dtype) < target:
+        lo, hi = hi, hi * 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if checkpoint_bytes(ModelDims.for_world(world_size, mid), optimizer=optimizer, dtype=dtype) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def build_model(dims: ModelDims, *, seed: int, dtype: str, device):

@@ -75,14 +75,39 @@ def flow_table(result, *, show_fingerprints: bool = True):
     return table
 
 
+def throughput(result) -> dict[str, float | None]:
+    """GB/s of the save and load phases: aggregate (checkpoint bytes / slowest rank) and per rank."""
+    out: dict[str, float | None] = {}
+    ws = max(1, len(result.memory.get("state_bytes", [])) or 1)
+    for phase in ("save", "load"):
+        t = result.timings.get(phase)
+        agg = result.bytes_written / t / 1e9 if t and result.bytes_written else None
+        out[f"{phase}_gbps"] = agg
+        out[f"{phase}_gbps_per_rank"] = agg / ws if agg is not None else None
+    return out
+
+
 def flow_footer(result) -> str:
-    """Timings, bytes and what the self-test touched, under a flow's table."""
+    """Timings, bytes, throughput, memory and what the self-test touched, under a flow's table."""
     t = result.timings
-    phases = ", ".join(f"{name} {t[name]:.3f}s" for name in ("step", "state-dict", "save", "load", "compare") if name in t)
+    phases = ", ".join(f"{name} {t[name]:.3f}s" for name in t)
+    tp = throughput(result)
+    rates = ", ".join(
+        f"{phase} {tp[phase + '_gbps']:.2f} GB/s ({tp[phase + '_gbps_per_rank']:.2f} per rank)"
+        for phase in ("save", "load") if tp[phase + "_gbps"] is not None
+    )
     lines = [
         f"phases (slowest rank): {phases}",
-        f"state {human_bytes(result.state_bytes)}, written {human_bytes(result.bytes_written)} to {result.path}",
+        f"state {human_bytes(result.state_bytes)}, checkpoint {human_bytes(result.bytes_written)} at {result.path}"
+        + (f"; {rates}" if rates else ""),
     ]
+    mem = result.memory
+    if mem:
+        peak = max(mem["rss_peak"])
+        line = f"peak RSS per rank: max {human_bytes(peak)} (baseline {human_bytes(max(mem['rss_baseline']))})"
+        if any(mem["cuda_max_allocated"]):
+            line += f"; CUDA max allocated: max {human_bytes(max(mem['cuda_max_allocated']))}"
+        lines.append(line)
     if result.self_test:
         s = result.self_test
         lines.append(f"self-test: flipped one bit of {s['fqn']}/{s['state']} on rank {s['rank']}")
@@ -208,6 +233,8 @@ def verify_document(result=None, *, code: int, error: str | None = None, warning
                     "timings_s": r.timings,
                     "state_bytes": r.state_bytes,
                     "bytes_written": r.bytes_written,
+                    "throughput": throughput(r),
+                    "memory_bytes": r.memory,
                     "self_test": r.self_test,
                     "rows_compared": len(r.rows),
                     "rows_differing": len(r.differing_rows),

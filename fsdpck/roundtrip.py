@@ -16,18 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from fsdpck import faults
-from fsdpck.compare import Row, Tolerance, compare_views, flip_one_bit
+from fsdpck.compare import Row, Tolerance, attach_fingerprints, compare_views, flip_one_bit
 from fsdpck.flows import Flow, WriterOptions
 from fsdpck.model import ModelDims
 
-PHASE_NAMES = ("step", "state-dict", "save", "load", "compare")
+PHASE_NAMES = ("step", "state-dict", "save", "setup", "load", "compare", "fingerprint")
 
 
 class PhaseTracker:
-    """Times phases and remembers which one is running, for error messages."""
+    """Times phases, remembers which one is running (for error messages) and tells the progress reporter."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, label: str = "") -> None:
         self.rank = rank
+        self.label = label
         self.current = "init"
         self.times: dict[str, float] = {}
 
@@ -37,7 +38,8 @@ class PhaseTracker:
         if name in faults.PHASES:
             faults.maybe_inject(name, self.rank)
         t0 = time.perf_counter()
-        yield
+        with _reporter(name, self.label):
+            yield
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     def max_times(self, ctx) -> dict[str, float]:
@@ -53,6 +55,20 @@ class PhaseTracker:
 
 
 _tracker = PhaseTracker(0)
+
+
+@contextmanager
+def _no_progress(phase: str, label: str):
+    yield
+
+
+_reporter = _no_progress
+
+
+def set_progress(reporter) -> None:
+    """Install a context manager factory ``reporter(phase, label)`` wrapped around every phase (rank 0)."""
+    global _reporter
+    _reporter = reporter
 
 
 def current_phase() -> str:
@@ -75,6 +91,7 @@ class FlowResult:
     timings: dict[str, float] = field(default_factory=dict)  # slowest rank per phase, seconds
     bytes_written: int = 0
     state_bytes: int = 0
+    memory: dict[str, list[int]] = field(default_factory=dict)
     self_test: dict[str, Any] | None = None
     error: str | None = None
 
@@ -98,8 +115,17 @@ class VerifyOptions:
     tolerance: Tolerance = field(default_factory=Tolerance)
     self_test: bool = False
     width: int = 1
+    size: int | None = None  # bytes of state wanted: picks the width per flow (--size)
     seed: int = 0
     writer: WriterOptions = field(default_factory=WriterOptions)
+
+    def dims_for(self, flow: Flow, world_size: int) -> ModelDims:
+        from fsdpck.model import width_for_size
+
+        width = self.width
+        if self.size is not None:
+            width = width_for_size(self.size, world_size=world_size, optimizer=flow.optimizer, dtype=flow.dtype)
+        return ModelDims.for_world(world_size, width)
 
 
 @dataclass(slots=True)
@@ -118,12 +144,16 @@ class VerifyResult:
         return max((r.exit_code for r in self.results), default=0)
 
 
-def _local_state_bytes(view: dict[str, Any]) -> int:
+def _local_state_bytes(view: dict[str, Any], model=None) -> int:
+    """Bytes of optimizer state (and model parameters) this rank holds."""
     import torch
 
     from fsdpck.compare import describe
 
     total = 0
+    for p in model.parameters() if model is not None else []:
+        local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: DTensor; FSDP1: the flat shard
+        total += local.numel() * local.element_size()
     for states in view["state"].values():
         for value in states.values():
             info = describe(value, rank=0)
@@ -139,7 +169,7 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
     from fsdpck import flows, model as mdl
     from fsdpck.workdir import dir_bytes
 
-    tracker = set_tracker(PhaseTracker(ctx.rank))
+    tracker = set_tracker(PhaseTracker(ctx.rank, flow.name))
     result = FlowResult(flow=flow, path=str(path))
     with tracker.phase("step"):
         net = mdl.wrap(mdl.build_model(dims, seed=opts.seed, dtype=flow.dtype, device=ctx.device),
@@ -161,25 +191,54 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
     if entries is not None and ctx.is_rank0:
         from fsdpck.manifest import write_manifest
 
-        write_manifest(path, make_manifest(entries, ctx=ctx, flow=flow, dims=dims, width=opts.width, seed=opts.seed))
-    with tracker.phase("load"):
+        write_manifest(path, make_manifest(entries, ctx=ctx, flow=flow, dims=dims, width=dims.a // ctx.world_size, seed=opts.seed))
+    with tracker.phase("setup"):
         net2 = mdl.wrap(mdl.build_model(dims, seed=opts.seed + 1, dtype=flow.dtype, device=ctx.device),
                         fsdp=flow.fsdp, device=ctx.device, world_size=ctx.world_size)
         optim2 = mdl.build_optimizer(flow.optimizer, net2.parameters())
+    with tracker.phase("load"):
         after = flows.load_fresh(net2, optim2, path, flow)
+        if ctx.world_size > 1:
+            dist.barrier()
     with tracker.phase("compare"):
         if opts.self_test:
             result.self_test = flip_one_bit(after, ctx=ctx)
         result.rows = compare_views(before, after, ctx=ctx, tol=opts.tolerance)
-    # Slowest rank per phase, and the state's size: scalars only cross ranks.
-    size = torch.tensor([_local_state_bytes(before)], dtype=torch.float64, device=ctx.collective_device)
-    if ctx.world_size > 1:
-        dist.all_reduce(size)
+    with tracker.phase("fingerprint"):
+        attach_fingerprints(result.rows, before, after, ctx=ctx)
+    # Slowest rank per phase, sizes and memory: scalars only cross ranks.
     result.timings = tracker.max_times(ctx)
-    result.state_bytes = int(size.item())
+    local_bytes = _local_state_bytes(before, net)
+    result.memory = memory_report(ctx, local_state_bytes=local_bytes)
+    result.state_bytes = int(sum(result.memory["state_bytes"]))
     if ctx.is_rank0:
         result.bytes_written = dir_bytes(path)
     return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_report(ctx, *, local_state_bytes: int) -> dict[str, list[int]]:
+    """Per rank: peak RSS, CUDA max allocated, the RSS baseline after set-up, and the rank's state bytes."""
+    import torch
+    import torch.distributed as dist
+
+    cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else 0
+    mine = torch.tensor([peak_rss_bytes(), cuda_peak, ctx.baseline_rss, local_state_bytes],
+                        dtype=torch.int64, device=ctx.collective_device)
+    if ctx.world_size > 1:
+        everyone = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
+        dist.all_gather(everyone, mine)
+    else:
+        everyone = [mine]
+    table = torch.stack(everyone).cpu().tolist()
+    names = ("rss_peak", "cuda_max_allocated", "rss_baseline", "state_bytes")
+    return {name: [row[i] for row in table] for i, name in enumerate(names)}
 
 
 def run_verify(opts: VerifyOptions, *, ctx) -> VerifyResult:
@@ -188,14 +247,14 @@ def run_verify(opts: VerifyOptions, *, ctx) -> VerifyResult:
 
     from fsdpck import workdir
 
-    dims = ModelDims.for_world(ctx.world_size, opts.width)
+    dims = opts.dims_for(opts.flows[0], ctx.world_size)
     wd = workdir.prepare(opts.checkpoint_dir, overwrite=opts.overwrite, ctx=ctx)
     out = VerifyResult([], ctx.world_size, ctx.backend, str(ctx.device), dims, str(wd.root), kept=opts.keep)
     try:
         for flow in opts.flows:
             sub = workdir.prepare_subdir(wd, flow.name, ctx=ctx)
             try:
-                out.results.append(run_flow(flow, sub, ctx=ctx, opts=opts, dims=dims))
+                out.results.append(run_flow(flow, sub, ctx=ctx, opts=opts, dims=opts.dims_for(flow, ctx.world_size)))
             except CheckpointException as e:
                 # DCP raises this on every rank together, so the ranks stay in step and the
                 # other flows can still run; anything else ends the run (see cli).

@@ -35,6 +35,27 @@ def captured_warnings():
         yield seen
 
 
+LOG_PHASES_OVER_S = 2.0  # in a cluster log, a phase that took longer gets a line of its own
+
+
+def progress_reporter(console):
+    """Rank 0's view of long phases: a transient spinner on a terminal, plain lines in a log."""
+
+    @contextmanager
+    def report(phase: str, label: str):
+        if console.is_terminal:
+            with console.status(f"{phase} {label}…", spinner="dots"):
+                yield
+            return
+        t0 = time.perf_counter()
+        yield
+        took = time.perf_counter() - t0
+        if took >= LOG_PHASES_OVER_S:
+            console.print(f"fsdpck: {phase} {label} took {took:.1f}s", markup=False, highlight=False, soft_wrap=True)
+
+    return report
+
+
 def warning_list(seen: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
     return [{"category": c, "message": m, "count": n} for (c, m), n in sorted(seen.items(), key=lambda kv: -kv[1])]
 
@@ -99,6 +120,10 @@ def run_distributed(
         out.print(verdict(result_, code=code_, error=error_), markup=False, highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
+    if rank == 0:
+        from fsdpck.roundtrip import set_progress
+
+        set_progress(progress_reporter(err))
     with captured_warnings() as seen:
         try:
             faults.maybe_inject("init", rank)

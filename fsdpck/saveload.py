@@ -133,6 +133,7 @@ class SaveOptions:
     flow: Flow
     overwrite: bool = False
     width: int = 1
+    size: int | None = None
     seed: int = 0
     writer: WriterOptions = field(default_factory=WriterOptions)
 
@@ -200,7 +201,12 @@ def run_save(opts: SaveOptions, *, ctx) -> SaveResult:
 
     path = _prepare_save_dir(opts.directory, overwrite=opts.overwrite, ctx=ctx)
     flow = opts.flow
-    dims = ModelDims.for_world(ctx.world_size, opts.width)
+    width = opts.width
+    if opts.size is not None:
+        from fsdpck.model import width_for_size
+
+        width = width_for_size(opts.size, world_size=ctx.world_size, optimizer=flow.optimizer, dtype=flow.dtype)
+    dims = ModelDims.for_world(ctx.world_size, width)
     tracker = set_tracker(PhaseTracker(ctx.rank))
     with tracker.phase("step"):
         net = mdl.wrap(mdl.build_model(dims, seed=opts.seed, dtype=flow.dtype, device=ctx.device),
@@ -218,7 +224,7 @@ def run_save(opts: SaveOptions, *, ctx) -> SaveResult:
             dist.barrier()
     if ctx.is_rank0:
         # After DCP finished on every rank (the barrier): a manifest never describes a half-written save.
-        write_manifest(path, make_manifest(entries, ctx=ctx, flow=flow, dims=dims, width=opts.width, seed=opts.seed))
+        write_manifest(path, make_manifest(entries, ctx=ctx, flow=flow, dims=dims, width=width, seed=opts.seed))
     return SaveResult(
         directory=str(path), flow=flow, world_size=ctx.world_size, dims=dims, keys=len(entries),
         tensors=sum(1 for e in entries.values() if e.kind == "tensor"),
