@@ -538,9 +538,12 @@ def chunk_cover_problems(key: str, shape: tuple[int, ...], chunks: tuple[ChunkIn
     if len(chunks) == 1 and all(o == 0 for o in chunks[0].offsets) and chunks[0].sizes == shape:
         return problems  # the common case: one chunk holds the whole tensor
     volume = sum(c.numel for c in chunks)
-    if ndim <= MAX_CORNER_NDIM and volume == numel and _covers_exactly(shape, list(chunks)):
-        return problems
+    if ndim <= MAX_CORNER_NDIM:
+        if volume == numel and _covers_exactly(shape, list(chunks)):
+            return problems
     pair = find_overlapping_chunks(chunks)
+    if ndim > MAX_CORNER_NDIM and pair is None and volume == numel:
+        return problems  # beyond MAX_CORNER_NDIM dims only the volume and the sweep judge the cover
     if pair is not None:
         a, b = chunks[pair[0]], chunks[pair[1]]
         problems.append(Problem(
@@ -597,6 +600,8 @@ class CheckpointDir:
 
 def check_dir_path(path: str | os.PathLike, *, what: str = "DIR") -> Path:
     """The checkpoint dir as a Path; UsageError (exit 2) when it does not exist or is not a dir."""
+    if not str(path):
+        raise UsageError(f"{what} is empty: give the checkpoint dir")
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{what} {str(path)!r} does not exist")
@@ -1118,6 +1123,10 @@ def inspect_checkpoint(path: str | os.PathLike, *, key_glob: str | None = None, 
         keys = sorted(md.keys) if md is not None else []
         selected = _select_keys(keys, key_glob, where=f" of {ckpt.root}")
         problem_keys = ckpt.problem_keys()
+        first_problem: dict[str, str] = {}
+        for p in ckpt.problems:
+            if p.key is not None:
+                first_problem.setdefault(p.key, p.message)
         rows: dict[str, KeyRow] = {}
         for key in selected:
             info = md.keys[key]
@@ -1126,8 +1135,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, key_glob: str | None = None, 
             entry = ckpt.manifest.keys.get(key) if ckpt.manifest is not None else None
             if entry is not None and entry.kind == KIND_TENSOR:
                 rows[key].expected = entry.fingerprint
-            elif key in problem_keys:
-                rows[key].detail = next(p.message for p in ckpt.problems if p.key == key)
+            if key in problem_keys:
+                rows[key].detail = first_problem[key]
         problems = list(ckpt.problems)
         if verify_data and md is not None:
             problems.extend(_verify_data(ckpt, rows, problem_keys, batch_bytes=batch_bytes))

@@ -8,6 +8,8 @@ runs, so ``fsdpck --help`` stays fast.
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from fsdpck.errors import UsageError
@@ -17,6 +19,16 @@ _CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width":
 
 _JSON_HELP = "Also write the result as a JSON document to PATH ('-': stdout; the report then goes to stderr)."
 _KEY_HELP = "Only keys matching this shell-style pattern (e.g. 'optim.state.*.exp_avg')."
+
+
+def _json_target(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--json PATH: '-' or a file path that is not a directory, checked before any work is done."""
+    if value is None or value == "-":
+        return value
+    if not value or os.path.isdir(value):
+        raise click.BadParameter(f"{value!r} is {'empty' if not value else 'a directory'}: give a file path or '-'",
+                                 ctx=ctx, param=param)
+    return value
 
 
 def _emit(document: dict, json_path: str | None, renderable, verdict: str) -> None:
@@ -38,7 +50,7 @@ def _emit(document: dict, json_path: str | None, renderable, verdict: str) -> No
 @click.option("--key", "key_glob", metavar="GLOB", help=_KEY_HELP)
 @click.option("--verify-data", is_flag=True,
               help="Read every item through DCP's reader and check tensor fingerprints against fsdpck.json.")
-@click.option("--json", "json_path", metavar="PATH", help=_JSON_HELP)
+@click.option("--json", "json_path", metavar="PATH", callback=_json_target, help=_JSON_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Show PyTorch's warnings and timings.")
 @click.pass_context
 def inspect_command(ctx: click.Context, directory: str, chunks: bool, key_glob: str | None, verify_data: bool,
@@ -70,7 +82,7 @@ def inspect_command(ctx: click.Context, directory: str, chunks: bool, key_glob: 
 @click.argument("dir_b", metavar="B")
 @click.option("--values", is_flag=True, help="Also show max |Δ| per differing tensor (reads A and B of one key at a time).")
 @click.option("--key", "key_glob", metavar="GLOB", help=_KEY_HELP)
-@click.option("--json", "json_path", metavar="PATH", help=_JSON_HELP)
+@click.option("--json", "json_path", metavar="PATH", callback=_json_target, help=_JSON_HELP)
 @click.pass_context
 def diff_command(ctx: click.Context, dir_a: str, dir_b: str, values: bool, key_glob: str | None,
                  json_path: str | None) -> None:

@@ -198,6 +198,39 @@ def first_failure() -> dict[str, Any] | None:
         return None
 
 
+_phase_seq = [0]
+
+
+def mark_phase(name: str) -> None:
+    """Record that this rank entered phase ``name`` (numbered, so ranks can be compared)."""
+    ctx = _state["ctx"]
+    store = _store()
+    if ctx is None or store is None or ctx.world_size == 1:
+        return
+    _phase_seq[0] += 1
+    try:
+        store.set(f"fsdpck/phase/{ctx.rank}", json.dumps([_phase_seq[0], name]))
+    except Exception:
+        pass
+
+
+def laggards(ctx: DistContext) -> list[tuple[int, str]]:
+    """Ranks that entered fewer phases than this one: (rank, last phase entered)."""
+    store = _store()
+    if store is None or ctx.world_size == 1:
+        return []
+    out = []
+    for r in range(ctx.world_size):
+        key = f"fsdpck/phase/{r}"
+        try:
+            seq, name = json.loads(store.get(key)) if store.check([key]) else (0, "init")
+        except Exception:
+            continue
+        if seq < _phase_seq[0]:
+            out.append((r, name))
+    return out
+
+
 def mark_reported() -> None:
     """Rank 0 has printed the failure: failed ranks may now exit (their exit makes torchrun kill the rest)."""
     store = _store()

@@ -17,10 +17,19 @@ Typical use on a rank::
     (total,) = allreduce_sum_u64([partial], device=dev)  # same on every rank
     manifest[fqn]["fingerprint"] = to_hex(total)
 
-The torch arithmetic runs on the tensor's own device in bounded pieces (:func:`piece_numel`
-elements, at most 1 << 22), so its working memory stays a few buffers of that size however
-large the shard is. :func:`fp_reference` is a torch-free transcription of the definition
-that the tests hold the torch path to.
+The work runs on the tensor's own device, through one of three paths that give the same
+answer (:func:`backend` says which; ``FSDPCK_FP_BACKEND=torch|c|triton|auto`` forces one):
+
+- ``c`` (CPU tensors): a small C kernel (``_fpkernel.c``), compiled at first use with the
+  system C compiler into a per-user cache and called through ctypes; one pass over the data.
+- ``triton`` (CUDA tensors): a Triton kernel (:mod:`fsdpck.fingerprint_triton`), where
+  triton imports; one pass over the data.
+- ``torch`` (everything else, and the fallback when a kernel cannot be had): torch ops in
+  bounded pieces (:func:`piece_numel` elements, at most 1 << 22), so that its working memory
+  stays a few buffers of that size however large the shard is.
+
+:func:`fp_reference` is a torch-free transcription of the definition that the tests hold
+every path to.
 
 Importing this module does not import torch (``fsdpck --help`` stays fast); torch is
 imported inside the functions that need it.
@@ -28,9 +37,18 @@ imported inside the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
+import shlex
+import shutil
+import sys
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
+
+from fsdpck.errors import SetupError
 
 if TYPE_CHECKING:
     import torch
@@ -214,9 +232,9 @@ def fp_chunk(t: torch.Tensor, *, global_shape: Sequence[int], offsets: Sequence[
     """The partial fingerprint of chunk ``t`` placed at ``offsets`` inside a tensor of ``global_shape``.
 
     ``t`` may have any strides (non-contiguous views are read in place, not copied), may be
-    empty or 0-dim, and may live on any device; the work runs there. Returns an int in
-    [0, 2**64); the partial sums of the chunks of any split add up (mod 2**64) to
-    :func:`fp_tensor` of the whole.
+    empty or 0-dim, and may live on any device; the work runs there, through the path that
+    :func:`backend` names for that device. Returns an int in [0, 2**64); the partial sums of
+    the chunks of any split add up (mod 2**64) to :func:`fp_tensor` of the whole.
     """
     import torch
 
@@ -227,6 +245,26 @@ def fp_chunk(t: torch.Tensor, *, global_shape: Sequence[int], offsets: Sequence[
     bits = _bits_view(t.detach())
     if bits.numel() == 0:
         return 0
+    path = backend(bits.device) if bits.layout == torch.strided else "torch"
+    if path == "c":
+        dims, base = _layout(shape, bits.stride(), global_shape, offsets)
+        if len(dims) <= _C_MAX_DIMS:
+            return _fp_chunk_c(bits, dims, base)
+    elif path == "triton":
+        dims, base = _layout(shape, bits.stride(), global_shape, offsets)
+        try:
+            return _triton_module().fp_layout(bits, dims, base)
+        except Exception as e:  # noqa: BLE001 - any failure of the fast path falls back to torch
+            if _requested_backend() == "triton":
+                raise
+            _triton_failed(bits.device, e)
+    return _fp_chunk_torch(bits, shape, global_shape, offsets)
+
+
+def _fp_chunk_torch(bits: torch.Tensor, shape: list[int], global_shape: list[int], offsets: list[int]) -> int:
+    """fp_chunk's torch path: ``bits`` is the chunk's non-empty integer view (see :func:`_bits_view`)."""
+    import torch
+
     if bits.dim() == 0:
         # A 0-dim tensor is one element at global index 0.
         bits, shape, global_shape, offsets = bits.reshape(1), [1], [1], [0]
@@ -285,6 +323,383 @@ def fp_chunk(t: torch.Tensor, *, global_shape: Sequence[int], offsets: Sequence[
                 # accumulating on the device avoids a host sync per piece on CUDA.
                 acc.add_(zp.sum())
         return int(acc.item()) & MASK64
+
+
+# --- the fast paths: a C kernel on the CPU, a Triton kernel on CUDA ------------------------
+#
+# Both read each element once and keep the arithmetic in registers, where the torch path
+# makes ~25 passes over int64 temporaries; both take the chunk as _layout's dims. Either one
+# that cannot be had (no compiler, no triton, a failed self-check) leaves its device on the
+# torch path, silently: the answer is the same, only slower. backend() says which path runs.
+
+BACKEND_ENV = "FSDPCK_FP_BACKEND"
+_BACKEND_CHOICES = ("auto", "torch", "c", "triton")
+
+_C_SOURCE = Path(__file__).with_name("_fpkernel.c")
+# No -march=native: one cached library must run on every node that shares the home dir; the
+# source clones its entry point per ISA instead (see _fpkernel.c). The second set is the retry
+# where those clones do not build or load (no ifunc support: musl, some compilers).
+_C_FLAG_SETS = (("-O3", "-shared", "-fPIC"), ("-O3", "-shared", "-fPIC", "-DFSDPCK_NO_CLONES"))
+_C_COMPILE_TIMEOUT_S = 120
+_C_MAX_DIMS = 64  # FSDPCK_MAX_DIMS in _fpkernel.c
+# Below this many elements per thread, splitting a chunk over threads costs more than it saves.
+_C_MIN_PER_THREAD = 1 << 20
+
+_lock = threading.Lock()
+# (ctypes function or None, the library kept alive or None, a line saying what was found).
+_c_state: tuple[Any, Any, str] | None = None
+_c_pool: Any = None
+# Per CUDA device (and "cpu" under Triton's interpreter): (usable, a line saying why or why not).
+_triton_state: dict[str, tuple[bool, str]] = {}
+
+
+def _requested_backend() -> str:
+    raw = os.environ.get(BACKEND_ENV, "")
+    value = raw.strip().lower() or "auto"
+    if value not in _BACKEND_CHOICES:
+        raise SetupError(f"{BACKEND_ENV}={raw!r} is not one of {', '.join(_BACKEND_CHOICES)}")
+    return value
+
+
+def backend(device: Any) -> str:
+    """Which path fingerprints tensors on ``device``: ``"c"``, ``"triton"`` or ``"torch"``.
+
+    By default (``FSDPCK_FP_BACKEND`` unset or ``auto``): the C kernel for CPU tensors where it
+    compiles (or is cached), loads and passes its self-check; the Triton kernel for CUDA tensors
+    where triton imports and the kernel passes its self-check on that device; torch otherwise.
+    ``FSDPCK_FP_BACKEND=torch|c|triton`` forces a path for the devices it serves (``c``: CPU;
+    ``triton``: CUDA, and CPU when Triton runs its interpreter, ``TRITON_INTERPRET=1``), other
+    devices keeping torch, and raises :class:`~fsdpck.errors.SetupError` where it cannot be had.
+    The first call for a device may compile its kernel (about a second; cached across runs).
+    """
+    import torch
+
+    requested = _requested_backend()
+    device = torch.device(device)
+    if requested == "torch":
+        return "torch"
+    if device.type == "cpu" and requested in ("auto", "c"):
+        fn, _, why = _c_kernel()
+        if fn is not None:
+            return "c"
+        if requested == "c":
+            raise SetupError(f"{BACKEND_ENV}=c, but the C kernel is not available: {why}")
+        return "torch"
+    if requested in ("auto", "triton") and (device.type == "cuda" or (device.type == "cpu" and requested == "triton")):
+        if device.type == "cpu" and not _triton_interpreting():
+            return "torch"
+        ok, why = _triton_ready(device)
+        if ok:
+            return "triton"
+        if requested == "triton":
+            raise SetupError(f"{BACKEND_ENV}=triton, but the Triton kernel is not available on {device}: {why}")
+    return "torch"
+
+
+def backend_detail(device: Any) -> str:
+    """One line on ``device``'s path and why (library and ISA, or the reason for torch); for reports."""
+    import torch
+
+    device = torch.device(device)
+    path = backend(device)
+    if device.type == "cpu" and path != "triton":
+        return f"{path}: {_c_kernel()[2]}"
+    if path == "triton" or device.type == "cuda":
+        state = _triton_state.get(_device_key(device))
+        return f"{path}: {state[1] if state else 'Triton not tried'}"
+    return path
+
+
+def _layout(
+    shape: Sequence[int], strides: Sequence[int], global_shape: Sequence[int], offsets: Sequence[int]
+) -> tuple[list[tuple[int, int, int]], int]:
+    """A chunk as the kernels take it: (size, memory stride, global stride) dims and a base index.
+
+    ``base`` is the global index of the chunk's first element. Size-1 dims are dropped (they
+    only move the base), the rest ordered by memory stride, largest first, so that the
+    innermost loop walks memory in the smallest steps whatever the layout (a column-major
+    chunk is read along its columns); neighbours that are contiguous in memory and in the
+    global index merge into one dim, so that a contiguous slice of whole rows is one run.
+    Every element's global index is base + sum(j_d * g_d) in any dim order, which is all the
+    sum needs.
+    """
+    gstrides = _row_major_strides(global_shape)
+    base = sum(o * g for o, g in zip(offsets, gstrides))
+    dims = sorted(((n, s, g) for n, s, g in zip(shape, strides, gstrides) if n != 1), key=lambda d: -abs(d[1]))
+    merged: list[tuple[int, int, int]] = []
+    for n, s, g in dims:
+        if merged and merged[-1][1] == s * n and merged[-1][2] == g * n:
+            merged[-1] = (merged[-1][0] * n, s, g)
+        else:
+            merged.append((n, s, g))
+    return merged, base
+
+
+# --- the C kernel ------------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$FSDPCK_CACHE``, else ``$XDG_CACHE_HOME/fsdpck``, else ``~/.cache/fsdpck``."""
+    if os.environ.get("FSDPCK_CACHE"):
+        return Path(os.environ["FSDPCK_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fsdpck"
+
+
+def _c_compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` when set (and then only it), else cc, gcc or clang from PATH."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        argv = shlex.split(cc)
+        return argv if argv and shutil.which(argv[0]) else None
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    return None
+
+
+def _c_kernel() -> tuple[Any, Any, str]:
+    """The C kernel's function (or None), the library holding it, and a line saying what happened; built once."""
+    global _c_state
+    with _lock:
+        if _c_state is None:
+            _c_state = _build_c_kernel()
+        return _c_state
+
+
+def _build_c_kernel() -> tuple[Any, Any, str]:
+    import hashlib
+    import platform
+
+    try:
+        source = _C_SOURCE.read_bytes()
+    except OSError as e:
+        return None, None, f"cannot read {_C_SOURCE}: {e.strerror}"
+    # The library depends on the source, the flags and the platform, not on which compiler
+    # built it: a node without a compiler uses what another node of the same kind cached.
+    libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else ""
+    platform_key = f"{sys.platform} {platform.machine()} {libc}".encode()
+    cache = _cache_dir()
+    compiler = _c_compiler()
+    problems = []
+    for flags in _C_FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), platform_key])).hexdigest()[:20]
+        path = cache / f"fpkernel-{key}.so"
+        if path.exists():
+            fn, lib, why = _load_c_kernel(path)
+            if fn is not None:
+                return fn, lib, f"{path} (cached; {why})"
+            # Left by a run that differs in a way the key misses: build it anew below.
+            problems.append(why)
+        if compiler is None:
+            cc = os.environ.get("CC", "").strip()
+            problems.append(f"no C compiler (CC={cc!r} not found)" if cc else "no C compiler (cc, gcc, clang) on PATH")
+            break
+        why = _compile_c_kernel(compiler, flags, source, path)
+        if why is not None:
+            problems.append(why)
+            continue
+        fn, lib, why = _load_c_kernel(path)
+        if fn is not None:
+            return fn, lib, f"{path} (compiled; {why})"
+        problems.append(why)
+    return None, None, "; ".join(problems)
+
+
+def _compile_c_kernel(compiler: list[str], flags: Sequence[str], source: bytes, path: Path) -> str | None:
+    """Compile ``source`` into ``path`` atomically; None when done, else why not.
+
+    Many ranks may compile at once into a shared cache: each writes a file of its own and
+    renames it into place, so a reader sees either no library or a whole one.
+    """
+    import secrets
+    import subprocess
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the cache dir {path.parent}: {e.strerror} (set FSDPCK_CACHE)"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    argv = [*compiler, *flags, "-o", str(tmp), "-x", "c", "-"]
+    try:
+        proc = subprocess.run(argv, input=source, capture_output=True, timeout=_C_COMPILE_TIMEOUT_S, check=False)
+        if proc.returncode != 0:
+            lines = proc.stderr.decode(errors="replace").strip().splitlines()
+            return f"{' '.join(argv)} exited {proc.returncode}: {lines[-1] if lines else 'no message'}"
+        os.replace(tmp, path)
+        return None
+    except subprocess.TimeoutExpired:
+        return f"{' '.join(argv)} took longer than {_C_COMPILE_TIMEOUT_S} s"
+    except OSError as e:
+        return f"{' '.join(argv)}: {e.strerror or e}"
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _load_c_kernel(path: Path) -> tuple[Any, Any, str]:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(str(path))
+        fn = lib.fsdpck_fp_strided
+        isa = lib.fsdpck_fp_isa
+    except (OSError, AttributeError) as e:
+        return None, None, f"cannot load {path}: {e}"
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, i64p, i64p, i64p, ctypes.c_uint64]
+    fn.restype = ctypes.c_uint64
+    isa.argtypes = []
+    isa.restype = ctypes.c_char_p
+    why = _c_self_check(fn)
+    if why is not None:
+        return None, None, f"{path} failed its self-check: {why}"
+    return fn, lib, f"ISA {isa().decode()}"
+
+
+def _c_call(fn: Any, address: int, itemsize: int, dims: Sequence[tuple[int, int, int]], base: int) -> int:
+    import ctypes
+
+    ndim = len(dims)
+    array = ctypes.c_int64 * ndim
+    shape = array(*(n for n, _, _ in dims))
+    strides = array(*(s for _, s, _ in dims))
+    gstrides = array(*(g for _, _, g in dims))
+    return int(fn(address, itemsize, ndim, shape, strides, gstrides, base))
+
+
+def _c_self_check(fn: Any) -> str | None:
+    """Hold the loaded kernel to fp_reference on every itemsize, unit-stride and strided, and 0-dim.
+
+    Guards against a miscompiled or mismatched library: a wrong kernel must never be used.
+    The runs are long enough to take the vectorised loops and their remainders.
+    """
+    import ctypes
+
+    by_itemsize = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32, 8: ctypes.c_uint64}
+    for itemsize, ctype in by_itemsize.items():
+        top = (1 << (8 * itemsize)) - 1
+        values = [mix64(j * 0x9E3779B97F4A7C15 + itemsize) & top for j in range(96)]
+        buf = (ctype * len(values))(*values)
+        address = ctypes.addressof(buf)
+        cases = [
+            # (first element, dims, base): 67 contiguous elements; a 4 x 9 block, strided in
+            # memory and in the global index; one element (0-dim).
+            (3, [(67, 1, 1)], 1000),
+            (1, [(4, 20, 50), (9, 2, 3)], 7),
+            (5, [], 42),
+        ]
+        for first, dims, base in cases:
+            positions = [(first, base)]
+            for n, s, g in dims:
+                positions = [(p + j * s, i + j * g) for p, i in positions for j in range(n)]
+            expected = fp_reference([values[p] for p, _ in positions], [i for _, i in positions])
+            got = _c_call(fn, address + first * itemsize, itemsize, dims, base)
+            if got != expected:
+                return f"itemsize {itemsize}, dims {dims}: {got:016x} != {expected:016x}"
+    return None
+
+
+def _fp_chunk_c(bits: torch.Tensor, dims: list[tuple[int, int, int]], base: int) -> int:
+    """The C kernel over a CPU chunk, split over torch's intra-op thread count when it is large.
+
+    ctypes releases the GIL for the call, so the parts run in parallel; they are ranges of
+    the outermost dim, each a chunk of its own with its own base.
+    """
+    import torch
+
+    fn, _, _ = _c_kernel()
+    itemsize = bits.element_size()
+    address = bits.data_ptr()
+    parts = min(torch.get_num_threads(), bits.numel() // _C_MIN_PER_THREAD, dims[0][0]) if dims else 1
+    if parts <= 1:
+        return _c_call(fn, address, itemsize, dims, base)
+    n0, s0, g0 = dims[0]
+    edges = [n0 * k // parts for k in range(parts + 1)]
+    jobs = [
+        (address + a * s0 * itemsize, [(b - a, s0, g0), *dims[1:]], base + a * g0) for a, b in zip(edges, edges[1:])
+    ]
+    pool = _thread_pool(parts)
+    return sum(pool.map(lambda job: _c_call(fn, job[0], itemsize, job[1], job[2]), jobs)) & MASK64
+
+
+def _thread_pool(workers: int) -> Any:
+    global _c_pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _lock:
+        if _c_pool is None or _c_pool._max_workers < workers:
+            if _c_pool is not None:
+                _c_pool.shutdown(wait=False)
+            _c_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsdpck-fp")
+        return _c_pool
+
+
+# --- the Triton kernel -------------------------------------------------------------------
+
+
+def _device_key(device: Any) -> str:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def _triton_module() -> Any:
+    from fsdpck import fingerprint_triton
+
+    return fingerprint_triton
+
+
+def _triton_interpreting() -> bool:
+    try:
+        return bool(_triton_module().interpreting())
+    except Exception:  # noqa: BLE001 - no usable triton means no interpreter either
+        return False
+
+
+def _triton_ready(device: Any) -> tuple[bool, str]:
+    """Whether the Triton kernel runs right on ``device``: imported, compiled and self-checked once per device."""
+    key = _device_key(device)
+    with _lock:
+        if key not in _triton_state:
+            _triton_state[key] = _check_triton(key)
+        return _triton_state[key]
+
+
+def _check_triton(device: str) -> tuple[bool, str]:
+    import torch
+
+    try:
+        module = _triton_module()
+    except Exception as e:  # noqa: BLE001 - ImportError, or a triton that breaks on import
+        return False, f"triton does not import: {type(e).__name__}: {e}"
+    try:
+        # The kernel against the torch path on this device: every itemsize, unit-stride
+        # and strided, more than one tile, several outer dims.
+        gen = torch.Generator().manual_seed(0)
+        data = torch.randint(0, 256, (2 * 3 * 1100 * 8,), generator=gen, dtype=torch.uint8)
+        for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.int64):
+            full = data.view(dtype)[: 2 * 3 * 1100].reshape(2, 3, 1100).to(device)
+            for chunk, offsets in ((full, (0, 0, 0)), (full[:, 1:, 5:900:3], (0, 1, 5))):
+                shape = list(chunk.shape)
+                dims, base = _layout(shape, chunk.stride(), full.shape, offsets)
+                got = module.fp_layout(chunk, dims, base)
+                expected = _fp_chunk_torch(chunk, shape, list(full.shape), list(offsets))
+                if got != expected:
+                    return False, f"self-check failed for {dtype}, shape {shape}: {got:016x} != {expected:016x}"
+    except Exception as e:  # noqa: BLE001 - compile or launch failure: keep torch
+        return False, f"self-check raised {type(e).__name__}: {e}"
+    return True, f"triton {getattr(module.triton, '__version__', '?')}"
+
+
+def _triton_failed(device: Any, error: BaseException) -> None:
+    """A chunk failed on the Triton path: this device stays on torch from now on."""
+    with _lock:
+        _triton_state[_device_key(device)] = (False, f"failed on a chunk: {type(error).__name__}: {error}")
 
 
 def fp_tensor(t: torch.Tensor) -> int:

@@ -128,11 +128,36 @@ def state_for_save(model, optim, flow: Flow) -> tuple[dict[str, Any], dict[str, 
     return {"model": msd, "optim": osd}, _optim_view(osd)
 
 
+def _instrumented(cls, method: str, phase: str):
+    """``cls`` whose data I/O leaves markers in the store (a rank that times out can then say which
+    rank is still writing or reading) and runs a failure drill (FSDPCK_FAULT) at its start: the
+    rank then fails while the other ranks are writing or reading, as a rank that dies mid-save."""
+    import torch.distributed as dist
+
+    from fsdpck import dist as fdist
+    from fsdpck import faults
+
+    def io(self, *args, **kwargs):
+        fdist.mark_phase(f"{phase} (data I/O)")
+        faults.maybe_inject(phase, dist.get_rank() if dist.is_initialized() else 0)
+        result = getattr(cls, method)(self, *args, **kwargs)
+        fdist.mark_phase(f"{phase} (waiting for the other ranks)")
+        return result
+
+    return type(f"Instrumented{cls.__name__}", (cls,), {method: io})
+
+
+def file_reader(path: Path):
+    import torch.distributed.checkpoint as dcp
+
+    return _instrumented(dcp.FileSystemReader, "read_data", "load")(str(path))
+
+
 def save(state: dict[str, Any], path: Path, flow: Flow, writer: WriterOptions) -> None:
     """DCP save (sync, or async and waited on) into ``path``."""
     import torch.distributed.checkpoint as dcp
 
-    storage_writer = dcp.FileSystemWriter(
+    storage_writer = _instrumented(dcp.FileSystemWriter, "write_data", "save")(
         str(path),
         single_file_per_rank=writer.single_file_per_rank,
         sync_files=writer.sync_files,
@@ -159,7 +184,7 @@ def load_fresh(model, optim, path: Path, flow: Flow) -> dict[str, Any]:
 
     if len(optim.state) != 0:
         raise RuntimeError("the fresh optimizer already has state before the load; the round trip would prove nothing")
-    reader = dcp.FileSystemReader(str(path))
+    reader = file_reader(path)
     if flow.api == "legacy":
         from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -173,7 +198,7 @@ def load_fresh(model, optim, path: Path, flow: Flow) -> dict[str, Any]:
         optim_state = load_sharded_optimizer_state_dict(
             model_state_dict=state["model"],
             optimizer_key="optim",
-            storage_reader=dcp.FileSystemReader(str(path)),
+            storage_reader=file_reader(path),
             planner=_load_planner(flow),
         )
         optim.load_state_dict(FSDP.optim_state_dict_to_load(model, optim, optim_state["optim"]))

@@ -57,10 +57,11 @@ def run_workers(nproc: int, worker_args: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "fsdpck", *worker_args)
     except ChildFailedError as e:
-        rank, first = e.get_first_failure()
-        if first.exitcode < 0:
+        for rank, failure in sorted(e.failures.items()):
             # A rank killed by a signal (the OOM killer, a drill) says nothing itself: say it for it.
-            print(f"fsdpck: rank {rank} was ended by signal {first.signal_name()} (first failure)", file=sys.stderr, flush=True)
+            # SIGTERM is the launcher ending the others once one rank failed.
+            if failure.exitcode < 0 and failure.signal_name() not in ("SIGTERM", "SIGINT"):
+                print(f"fsdpck: rank {rank} was ended by signal {failure.signal_name()}", file=sys.stderr, flush=True)
         return exit_code_from([f.exitcode for f in e.failures.values()])
     return EXIT_OK
 

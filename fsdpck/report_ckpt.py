@@ -215,11 +215,11 @@ def render_inspect(result: InspectResult, *, chunks: bool = False, verbose: bool
     if result.problems:
         parts.append(_problems_table(result.problems))
     for note in result.notes:
-        parts.append(Text(f"note: {note}", style="yellow"))
+        parts.append(Text(f"note: {clean(note)}", style="yellow"))
     if result.warnings:
         if verbose:
             parts.append(Text(f"{_plural(len(result.warnings), 'warning')} from PyTorch:", style="dim"))
-            parts.extend(Text(f"  {w}", style="dim") for w in result.warnings)
+            parts.extend(Text(f"  {clean(w)}", style="dim") for w in result.warnings)
         else:
             parts.append(Text(f"{_plural(len(result.warnings), 'warning')} from PyTorch hidden (--verbose shows them)",
                               style="dim"))
@@ -230,7 +230,7 @@ def render_inspect(result: InspectResult, *, chunks: bool = False, verbose: bool
 
 def _manifest_line(result: InspectResult) -> Text:
     if result.manifest_error is not None:
-        return Text(f"fsdpck.json INVALID: {result.manifest_error}", style="bold red")
+        return Text(f"fsdpck.json INVALID: {clean(result.manifest_error)}", style="bold red")
     m = result.manifest
     if m is None:
         return Text("none (not saved by fsdpck; --verify-data checks readability only)")
@@ -238,23 +238,36 @@ def _manifest_line(result: InspectResult) -> Text:
                 f"torch {m.torch_version}, created {m.created}")
 
 
-def _inspect_summary(result: InspectResult) -> Table:
+def _grid() -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column(overflow="fold")
-    grid.add_row("checkpoint", clean(result.path))
-    grid.add_row("DCP version", result.dcp_version or "-")
+    return grid
+
+
+def _cell(value: Any) -> Text:
+    """A grid cell as Text: paths and names from a checkpoint dir are never read as rich markup."""
+    return value if isinstance(value, Text) else Text(clean(value))
+
+
+def _inspect_summary(result: InspectResult) -> Table:
+    rows: list[tuple[str, Any]] = [("checkpoint", result.path), ("DCP version", result.dcp_version or "-")]
     if result.readable:
-        grid.add_row("keys", f"{result.n_keys:,} ({_plural(result.n_tensors, 'tensor')}, "
-                              f"{_plural(result.n_byte_items, 'byte item')})")
         shard_files = sum(1 for f in result.files if f.role == "shard" and f.items)
-        grid.add_row("data", f"{format_bytes(result.data_bytes)} in {_plural(shard_files, 'file')}")
-        grid.add_row("metadata", f".metadata, {format_bytes(result.metadata_bytes)}")
+        rows += [
+            ("keys", f"{result.n_keys:,} ({_plural(result.n_tensors, 'tensor')}, "
+                     f"{_plural(result.n_byte_items, 'byte item')})"),
+            ("data", f"{format_bytes(result.data_bytes)} in {_plural(shard_files, 'file')}"),
+            ("metadata", f".metadata, {format_bytes(result.metadata_bytes)}"),
+        ]
     else:
-        grid.add_row("metadata", Text(".metadata missing or unreadable (see problems)", style="bold red"))
-    grid.add_row("manifest", _manifest_line(result))
+        rows.append(("metadata", Text(".metadata missing or unreadable (see problems)", style="bold red")))
+    rows.append(("manifest", _manifest_line(result)))
     if result.key_glob is not None:
-        grid.add_row("--key", f"{clean(repr(result.key_glob))}: {len(result.rows):,} of {result.n_keys:,} keys")
+        rows.append(("--key", f"{result.key_glob!r}: {len(result.rows):,} of {result.n_keys:,} keys"))
+    grid = _grid()
+    for label, value in rows:
+        grid.add_row(label, _cell(value))
     return grid
 
 
@@ -398,7 +411,8 @@ def diff_verdict(result: DiffResult) -> str:
     counts: dict[str, int] = {}
     for r in result.differing:
         counts[r.status] = counts.get(r.status, 0) + 1
-    what = ", ".join(f"{c} {s.lower()}" for s, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    what = ", ".join(f"{c} {s.lower() if s.isupper() else s}"
+                     for s, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return f"fsdpck diff: DIFFERENT — {len(result.differing):,} of {_plural(n, 'key')} differ: {what} (exit {result.exit_code})"
 
 
@@ -420,15 +434,13 @@ def _pair(a: Any, b: Any, fmt=str) -> str:
 
 def render_diff(result: DiffResult) -> Group:
     """The human report of ``fsdpck diff``: both dirs, then the keys (differences first)."""
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column(overflow="fold")
+    grid = _grid()
     for label, side in (("A", result.a), ("B", result.b)):
         ws = f", saved at world size {side.manifest_world_size}" if side.manifest_world_size else ""
-        grid.add_row(label, f"{clean(side.path)}  ({_plural(side.n_keys, 'key')}, {format_bytes(side.data_bytes)} in "
-                            f"{_plural(side.files, 'file')}{ws})")
+        grid.add_row(label, _cell(f"{side.path}  ({_plural(side.n_keys, 'key')}, {format_bytes(side.data_bytes)} in "
+                                  f"{_plural(side.files, 'file')}{ws})"))
     if result.key_glob is not None:
-        grid.add_row("--key", repr(result.key_glob))
+        grid.add_row("--key", _cell(repr(result.key_glob)))
     parts: list[Any] = [grid]
 
     table = LineTable("Keys")
@@ -465,7 +477,7 @@ def _diff_cells(row: DiffRow, values: bool) -> list[Any]:
         _pair(row.kind_a, row.kind_b),
         _pair(row.shape_a, row.shape_b, _shape) if (row.kind_a or row.kind_b) != KIND_BYTES else "-",
         _pair(row.dtype_a, row.dtype_b),
-        f"{chunks(row.chunks_a)}/{chunks(row.chunks_b)}",
+        f"{chunks(row.chunks_a)}/{chunks(row.chunks_b)}" if (row.kind_a or row.kind_b) != KIND_BYTES else "-",
         row.fingerprint_a or (row.detail if row.status == "UNREADABLE" else "-"),
         row.fingerprint_b or "-",
     ]

@@ -65,14 +65,16 @@ def describe_exception(e: BaseException) -> str:
 
     if type(e).__name__ == "CheckpointException":
         return describe_checkpoint_exception(e)
+    import re
+
     text = str(e).strip().splitlines()
-    first = text[0] if text else ""
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text[0]) if text else ""  # drop gloo's source-file prefix
     lowered = str(e).lower()
     if "connection reset by peer" in lowered or "connection closed by peer" in lowered or "broken pipe" in lowered:
         return ("another rank went away during a collective (it exited or was killed); its own message, or the "
                 "launcher's summary, names it")
     if "timed out" in lowered or ("timeout" in lowered and "collective" in lowered):
-        return f"a collective timed out ({first[:300]}); a rank stopped responding — see --timeout"
+        return f"a collective timed out ({first[:200]}): a rank stopped responding (--timeout)"
     if isinstance(e, OSError) and e.errno == 28:
         return f"no space left on device writing {e.filename or 'the checkpoint dir'}"
     if isinstance(e, OSError) and e.filename:
@@ -158,6 +160,10 @@ def run_distributed(
             code = EXIT_RUNTIME
             phase = _phase() if ctx is not None else "init"
             message = describe_exception(e) if not isinstance(e, KeyboardInterrupt) else "interrupted"
+            if ctx is not None and "timed out" in message:
+                behind = fdist.laggards(ctx)
+                if behind:
+                    message += "; " + ", ".join(f"rank {r} stopped responding (last seen in {p})" for r, p in behind)
             error = f"rank {rank} during {phase}: {message}"
             if debug_enabled():
                 import traceback

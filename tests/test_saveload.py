@@ -106,23 +106,26 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 3, 4])
-def test_saved_at_2_loads_at_any_world_size(saved, nproc: int, tmp_path: Path):
+# Each launch loads both checkpoints; at 2 and 3 ranks one of them goes through the other flow,
+# so every world size 1-4 sees both checkpoints and both migrations are covered.
+@pytest.mark.parametrize("nproc,flow_args", [
+    (1, []),
+    (2, ["--fsdp", "1", "--api", "legacy"]),  # FSDP2/dsd save -> FSDP1/legacy load
+    (3, ["--fsdp", "2", "--api", "dsd"]),     # FSDP1/legacy save -> FSDP2/dsd load
+    (4, []),
+])
+def test_saved_at_2_loads_at_any_world_size_and_across_flows(saved, nproc: int, flow_args: list[str], tmp_path: Path):
     out = tmp_path / "l.json"
-    r = fsdpck("load", str(saved["fsdp1"]), str(saved["fsdp2"]), "--json", str(out), nproc=nproc)
+    r = fsdpck("load", str(saved["fsdp1"]), str(saved["fsdp2"]), *flow_args, "--json", str(out), nproc=nproc)
     assert r.code == 0, r.tail()
     doc = load_json(out)
     assert doc["world_size"] == nproc
     for cp in doc["checkpoints"]:
         assert cp["saved_world_size"] == 2
         assert cp["keys_differing"] == 0 and cp["keys_compared"] == 36
-
-
-@pytest.mark.parametrize("which,args,nproc", [("fsdp1", ["--fsdp", "2"], 3), ("fsdp2", ["--fsdp", "1", "--api", "legacy"], 2)])
-def test_flows_cross_between_save_and_load(saved, which, args, nproc):
-    r = fsdpck("load", str(saved[which]), *args, nproc=nproc)
-    assert r.code == 0, r.tail()
-    assert "36 keys match" in r.last_line()
+    if flow_args:
+        assert {(cp["save_flow"]["fsdp"], cp["load_flow"]["fsdp"]) for cp in doc["checkpoints"]} >= {(1, 2)} or \
+               {(cp["save_flow"]["fsdp"], cp["load_flow"]["fsdp"]) for cp in doc["checkpoints"]} >= {(2, 1)}
 
 
 def test_saved_at_3_with_uneven_width_loads_at_2(tmp_path: Path):
