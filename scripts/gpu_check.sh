@@ -7,7 +7,7 @@ OUT=${OUT:-./gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS=140
 CK=$(mktemp -d /tmp/fsdpck-gpu.XXXXXX)
-step() { echo; echo "### $*"; "$@"; echo "### exit $?"; }
+step() { echo; echo "### $*"; timeout 240 "$@"; echo "### exit $?"; }
 {
 date -u; nvidia-smi -L
 python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), 'python', sys.version.split()[0])"
