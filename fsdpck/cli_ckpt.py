@@ -39,6 +39,13 @@ def _emit(document: dict, json_path: str | None, renderable, verdict: str) -> No
         except OSError as e:
             raise UsageError(f"--json {json_path!r}: cannot write: {e.strerror or e}") from None
     console = make_console(stderr=(json_path == "-"))
+    if not (console.encoding or "").lower().startswith("utf"):
+        # A log or terminal that is not UTF-8 (PYTHONIOENCODING=ascii, LANG=C): rich draws
+        # ASCII boxes; other characters (a key's, the verdict's dash) must not crash the report.
+        stream = console.file
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+        verdict = verdict.replace("—", "-").replace("→", "->")
     # crop=False: a row wider than the console stays whole (one greppable line), as does the verdict.
     console.print(renderable, crop=False)
     console.print(verdict, markup=False, highlight=False, crop=False, soft_wrap=True)

@@ -1,0 +1,302 @@
+"""Checkpoint dirs for the tests of ``fsdpck inspect`` / ``fsdpck diff``, written with plain DCP.
+
+No conftest fixtures: test modules import these functions. Pristine checkpoints are
+written once per test process (``functools.cache``) into a private temp dir and must not
+be modified; a test that injects a fault copies one first (:func:`copy_ckpt`).
+
+* :func:`plain_ckpt`: ``dcp.save`` without a process group of nested dicts, a Linear
+  model and its Adam state, an LR scheduler's state, an int step counter, a string,
+  scalar and empty tensors and several dtypes, with an ``fsdpck.json`` manifest.
+* :func:`torch_save_ckpt`: ``format_utils.torch_save_to_dcp`` output.
+* :func:`fsdp2_ckpts`: FSDP2 DTensor state saved at 2 and 3 ranks by one torchrun launch
+  of ``tests/_ckpt_fsdp2_worker.py`` (the same state at both world sizes).
+* :func:`fsdpck_save_ckpt`: ``python -m fsdpck save`` output with fsdpck's own manifest.
+* :func:`synthetic_ckpt`: N keys in DCP's own metadata classes, built without N torch.save
+  calls (for the 10,000-key test).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+_CACHE_DIR: Path | None = None
+
+
+def cache_dir() -> Path:
+    """A private temp dir for this test process's pristine checkpoints, removed at exit."""
+    global _CACHE_DIR
+    if _CACHE_DIR is None:
+        _CACHE_DIR = Path(tempfile.mkdtemp(prefix="fsdpck-ckpt-tests-"))
+        atexit.register(shutil.rmtree, _CACHE_DIR, True)
+    return _CACHE_DIR
+
+
+def plain_state(seed: int = 0) -> dict[str, Any]:
+    """A state dict with the kinds of values real training state has."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    gen = torch.Generator().manual_seed(seed + 1)
+    return {
+        "model": model.state_dict(),
+        "optim": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "step": 7,
+        "name": "run-42",
+        "nested": {
+            "a": {"ids": torch.arange(6, dtype=torch.int64).reshape(2, 3), "bf": torch.randn(3, 2, generator=gen).bfloat16()},
+            "half": torch.randn(5, generator=gen).half(),
+            "vol": torch.randn(2, 3, 4, generator=gen),
+        },
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 3),
+        "flags": torch.tensor([True, False, True]),
+    }
+
+
+def dcp_save(state: dict[str, Any], path: Path) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(path), no_dist=True)
+    return path
+
+
+def flat_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The state flattened to DCP keys, exactly as dcp.save names them."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    flat, _ = flatten_state_dict(state)
+    return flat
+
+
+def manifest_for(state: dict[str, Any], *, world_size: int = 1):
+    """An fsdpck.json Manifest of ``state`` (fingerprints of the in-memory values)."""
+    import torch
+
+    from fsdpck.fingerprint import fp_tensor, to_hex
+    from fsdpck.manifest import Manifest, ManifestEntry, TensorStats
+
+    keys = {}
+    for key, value in flat_state(state).items():
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            stats = TensorStats(numel=t.numel(), nonfinite=0)
+            if t.numel() and t.is_floating_point():
+                f = t.float()
+                stats = TensorStats(numel=t.numel(), min=float(f.min()), max=float(f.max()),
+                                    abs_max=float(f.abs().max()), mean=float(f.mean()), nonfinite=0)
+            keys[key] = ManifestEntry(kind="tensor", shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."),
+                                      fingerprint=to_hex(fp_tensor(t)), stats=stats)
+        else:
+            keys[key] = ManifestEntry(kind="object", canonical=repr(value))
+    return Manifest(torch_version=torch.__version__, world_size=world_size,
+                    flow={"fsdp": 0, "api": "plain", "optimizer": "adam", "dtype": "float32", "steps": 1, "save_mode": "sync"},
+                    model={"dims": [4, 3], "width": 1, "seed": 0}, keys=keys)
+
+
+@functools.cache
+def plain_ckpt() -> Path:
+    """A pristine plain checkpoint with its fsdpck.json manifest."""
+    from fsdpck.manifest import write_manifest
+
+    path = dcp_save(plain_state(), cache_dir() / "plain")
+    write_manifest(path, manifest_for(plain_state()))
+    return path
+
+
+@functools.cache
+def torch_save_ckpt() -> Path:
+    """A pristine checkpoint written by format_utils.torch_save_to_dcp."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import torch_save_to_dcp
+
+    src = cache_dir() / "ts.pt"
+    gen = torch.Generator().manual_seed(3)
+    torch.save({"w": torch.randn(3, 3, generator=gen), "inner": {"b": torch.ones(2, dtype=torch.float16)}, "epoch": 4}, src)
+    out = cache_dir() / "torch_save"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_save_to_dcp(src, out)
+    return out
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+_LAUNCHES: dict[str, dict[str, Any]] = {}
+
+
+def _start(name: str, cmd: list[str]) -> None:
+    """Start ``cmd`` in the background once per process; :func:`_wait` collects it."""
+    if name in _LAUNCHES:
+        return
+    log = open(cache_dir() / f"{name}.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    _LAUNCHES[name] = {"proc": proc, "log": log}
+
+    def stop() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+    atexit.register(stop)
+
+
+def _wait(name: str, expected: list[Path]) -> None:
+    proc, log = _LAUNCHES[name]["proc"], _LAUNCHES[name]["log"]
+    try:
+        code = proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        code = proc.wait()
+    log.seek(0)
+    tail = "\n".join(log.read().splitlines()[-40:])
+    if code != 0 or not all(p.exists() for p in expected):
+        raise RuntimeError(f"{name} failed (exit {code}):\n$ {' '.join(proc.args)}\n{tail}")
+
+
+def start_background() -> None:
+    """Start the slow checkpoint writers (torchrun, fsdpck save) in the background, once per process.
+
+    Test modules call this when they are imported, so that the launches (10-20 s of torch
+    imports on a 2-core machine) overlap the tests that run before the first one needs them.
+    """
+    _start("fsdp2", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                     str(REPO / "tests" / "_ckpt_fsdp2_worker.py"), str(cache_dir() / "fsdp2")])
+    _start("fsdpck-save", [sys.executable, "-m", "fsdpck", "save", str(cache_dir() / "fsdpck-save")])
+
+
+@functools.cache
+def fsdp2_ckpts() -> tuple[Path, Path]:
+    """FSDP2 checkpoints of the same state saved at world sizes 2 and 3 (one torchrun launch)."""
+    start_background()
+    out = cache_dir() / "fsdp2"
+    _wait("fsdp2", [out / "ws2" / ".metadata", out / "ws3" / ".metadata"])
+    return out / "ws2", out / "ws3"
+
+
+@functools.cache
+def fsdpck_save_ckpt() -> Path:
+    """fsdpck's own checkpoint: ``python -m fsdpck save DIR`` at world size 1, with its manifest."""
+    start_background()
+    out = cache_dir() / "fsdpck-save"
+    _wait("fsdpck-save", [out / ".metadata", out / "fsdpck.json"])
+    return out
+
+
+def copy_ckpt(src: Path, dst: Path) -> Path:
+    """A private copy of a pristine checkpoint, for a test to damage."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def storage_info(path: Path, key: str) -> tuple[str, int, int]:
+    """(file, byte offset, byte length) of a key's first stored item, from DCP's own reader (trusted here)."""
+    import torch.distributed.checkpoint as dcp
+
+    md = dcp.FileSystemReader(str(path)).read_metadata()
+    for index, info in md.storage_data.items():
+        if index.fqn == key:
+            return info.relative_path, info.offset, info.length
+    raise KeyError(key)
+
+
+def flip_byte_in_tensor(path: Path, key: str, value: Any) -> str:
+    """Flip one bit in the middle of tensor ``value``'s raw data as stored for ``key``; returns the file name."""
+    name, offset, length = storage_info(path, key)
+    raw = value.detach().contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes()
+    data = bytearray((path / name).read_bytes())
+    at = data.find(raw, offset, offset + length)
+    assert at >= 0, f"the raw data of {key} was not found in its byte range of {name}"
+    data[at + len(raw) // 2] ^= 0x10
+    (path / name).write_bytes(bytes(data))
+    return name
+
+
+def rewrite_metadata(path: Path, edit) -> None:
+    """Load .metadata with the plain unpickler (the tests wrote it), let ``edit`` change it, write it back."""
+    with open(path / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    edit(md)
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+
+
+class Payload:
+    """Pickles as a call of ``func(*args)``: what a crafted .metadata holds."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def marker_command(marker: Path) -> str:
+    return f"{sys.executable} -c \"open({str(marker)!r}, 'w').write('pwned')\""
+
+
+def synthetic_ckpt(path: Path, n_keys: int) -> list[str]:
+    """A loadable DCP checkpoint of ``n_keys`` tensor keys, built in DCP's own classes without N saves.
+
+    Every key is a float32 tensor [2, 3] whose one chunk points at its own copy of the same
+    torch.save blob in ``__0_0.distcp``; ``.metadata`` is pickled as FileSystemWriter does.
+    """
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    path.mkdir(parents=True)
+    value = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    blob = buf.getvalue()
+    (path / "__0_0.distcp").write_bytes(blob * n_keys)
+    keys = [f"model.layers.{i // 10}.p{i % 10}" for i in range(n_keys)]
+    sdm, storage = {}, {}
+    props = TensorProperties(dtype=torch.float32)
+    for i, key in enumerate(keys):
+        sdm[key] = TensorStorageMetadata(properties=props, size=torch.Size([2, 3]),
+                                         chunks=[ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([2, 3]))])
+        storage[MetadataIndex(key, [0, 0])] = _StorageInfo("__0_0.distcp", i * len(blob), len(blob))
+    md = Metadata(state_dict_metadata=sdm, planner_data={k: (k,) for k in keys}, storage_data=storage,
+                  storage_meta=StorageMeta(checkpoint_id=path), version="1.0.0")
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    return keys
