@@ -200,6 +200,12 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
         from fsdpck.manifest import write_manifest
 
         write_manifest(path, make_manifest(entries, ctx=ctx, flow=flow, dims=dims, width=dims.a // ctx.world_size, seed=opts.seed))
+    # Only the optimizer view ``before`` is compared from here on: let the trained model, its
+    # gradients and the saved state dict go before the fresh model is built, so that a rank's
+    # peak memory is about two copies of its share, not three.
+    local_bytes = _local_state_bytes(before, net)
+    del net, optim, state
+    _release_memory(ctx)
     with tracker.phase("setup"):
         net2 = mdl.wrap(mdl.build_model(dims, seed=opts.seed + 1, dtype=flow.dtype, device=ctx.device),
                         fsdp=flow.fsdp, device=ctx.device, world_size=ctx.world_size)
@@ -216,12 +222,21 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
         attach_fingerprints(result.rows, before, after, ctx=ctx)
     # Slowest rank per phase, sizes and memory: scalars only cross ranks.
     result.timings = tracker.max_times(ctx)
-    local_bytes = _local_state_bytes(before, net)
     result.memory = memory_report(ctx, local_state_bytes=local_bytes)
     result.state_bytes = int(sum(result.memory["state_bytes"]))
     if ctx.is_rank0:
         result.bytes_written = dir_bytes(path)
     return result
+
+
+def _release_memory(ctx) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def peak_rss_bytes() -> int:
