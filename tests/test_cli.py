@@ -91,3 +91,23 @@ def test_json_to_stdout_is_pure_json(tmp_path: Path):
     assert r.exit_code == 0
     doc = json.loads(r.stdout)
     assert doc["exit_code"] == 0 and doc["verdict"].startswith("fsdpck verify: VERIFIED")
+
+
+def test_scale_figures_are_present_and_plausible(tmp_path: Path):
+    """Timings, bytes and memory in the JSON: present, positive, and the bytes add up (not their speed)."""
+    from fsdpck.model import ModelDims, checkpoint_bytes
+
+    out = tmp_path / "v.json"
+    r = invoke("verify", "--planner", "none", "--width", "5", "--json", str(out))
+    assert r.exit_code == 0, r.output
+    (flow,) = json.loads(out.read_text())["flows"]
+    assert set(flow["timings_s"]) == {"step", "state-dict", "save", "setup", "load", "compare", "fingerprint"}
+    assert all(t > 0 for t in flow["timings_s"].values())
+    dims = ModelDims.for_world(1, 5)
+    steps = 6  # Adam's `step`: one float32 scalar per parameter tensor
+    assert flow["state_bytes"] == checkpoint_bytes(dims, optimizer="adam", dtype="float32") + 4 * steps
+    assert flow["bytes_written"] >= flow["state_bytes"]  # plus DCP's framing and .metadata
+    mem = flow["memory_bytes"]
+    assert mem["state_bytes"] == [flow["state_bytes"]]
+    assert mem["rss_peak"][0] >= mem["rss_baseline"][0] > 0
+    assert flow["throughput"]["save_gbps"] > 0 and flow["throughput"]["load_gbps"] > 0
