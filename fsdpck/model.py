@@ -154,3 +154,19 @@ def train_steps(model, optim, *, steps: int, seed: int, rank: int, dims: ModelDi
         model(x).sum().backward()
         optim.step()
         optim.zero_grad()
+
+
+def trained(dims: ModelDims, flow, *, seed: int, ctx):
+    """The wrapped model and its optimizer after ``flow.steps`` steps: the state every command saves."""
+    net = wrap(build_model(dims, seed=seed, dtype=flow.dtype, device=ctx.device),
+               fsdp=flow.fsdp, device=ctx.device, world_size=ctx.world_size)
+    optim = build_optimizer(flow.optimizer, net.parameters())
+    train_steps(net, optim, steps=flow.steps, seed=seed, rank=ctx.rank, dims=dims, dtype=flow.dtype, device=ctx.device)
+    return net, optim
+
+
+def fresh(dims: ModelDims, flow, *, seed: int, ctx):
+    """A wrapped model and an optimizer with no state yet, to load into."""
+    net = wrap(build_model(dims, seed=seed, dtype=flow.dtype, device=ctx.device),
+               fsdp=flow.fsdp, device=ctx.device, world_size=ctx.world_size)
+    return net, build_optimizer(flow.optimizer, net.parameters())

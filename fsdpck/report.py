@@ -273,14 +273,20 @@ def save_verdict(result=None, *, code: int, error: str | None = None) -> str:
             f"manifest written, {result.directory}")
 
 
-def save_document(result=None, *, code: int, error: str | None = None, warnings=None, ctx=None, elapsed=None):
-    doc: dict[str, Any] = {
-        "schema": SAVE_SCHEMA, "versions": versions(), "exit_code": code, "outcome": EXIT_MEANING.get(code, "unknown"),
-        "verdict": save_verdict(result, code=code, error=error), "error": error, "elapsed_s": elapsed,
+def _document_head(schema: str, verdict_line: str, *, code: int, error, warnings, ctx, elapsed) -> dict[str, Any]:
+    """What every rank-run command's JSON document starts with."""
+    return {
+        "schema": schema, "versions": versions(), "exit_code": code, "outcome": EXIT_MEANING.get(code, "unknown"),
+        "verdict": verdict_line, "error": error, "elapsed_s": elapsed,
         "world_size": ctx.world_size if ctx else None, "backend": ctx.backend if ctx else None,
         "device": str(ctx.device) if ctx else None,
         "warnings": {"count": sum(w["count"] for w in warnings or []), "distinct": warnings or []},
     }
+
+
+def save_document(result=None, *, code: int, error: str | None = None, warnings=None, ctx=None, elapsed=None):
+    doc = _document_head(SAVE_SCHEMA, save_verdict(result, code=code, error=error), code=code, error=error,
+                         warnings=warnings, ctx=ctx, elapsed=elapsed)
     if result is not None:
         doc.update({"directory": result.directory, "flow": result.flow.as_dict(), "model_dims": result.dims.as_list(),
                     "keys": result.keys, "tensors": result.tensors, "bytes_written": result.bytes_written,
@@ -347,14 +353,9 @@ def load_verdict(run=None, *, code: int, error: str | None = None) -> str:
 
 
 def load_document(run=None, *, code: int, error: str | None = None, warnings=None, ctx=None, elapsed=None):
-    doc: dict[str, Any] = {
-        "schema": LOAD_SCHEMA, "versions": versions(), "exit_code": code, "outcome": EXIT_MEANING.get(code, "unknown"),
-        "verdict": load_verdict(run, code=code, error=error), "error": error, "elapsed_s": elapsed,
-        "world_size": ctx.world_size if ctx else None, "backend": ctx.backend if ctx else None,
-        "device": str(ctx.device) if ctx else None,
-        "warnings": {"count": sum(w["count"] for w in warnings or []), "distinct": warnings or []},
-        "checkpoints": [],
-    }
+    doc = _document_head(LOAD_SCHEMA, load_verdict(run, code=code, error=error), code=code, error=error,
+                         warnings=warnings, ctx=ctx, elapsed=elapsed)
+    doc["checkpoints"] = []
     for result in run.results if run is not None else []:
         doc["checkpoints"].append({
             "directory": result.directory, "saved_world_size": result.saved_world_size,

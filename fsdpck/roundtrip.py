@@ -180,10 +180,7 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
     tracker = set_tracker(PhaseTracker(ctx.rank, flow.name))
     result = FlowResult(flow=flow, path=str(path))
     with tracker.phase("step"):
-        net = mdl.wrap(mdl.build_model(dims, seed=opts.seed, dtype=flow.dtype, device=ctx.device),
-                       fsdp=flow.fsdp, device=ctx.device, world_size=ctx.world_size)
-        optim = mdl.build_optimizer(flow.optimizer, net.parameters())
-        mdl.train_steps(net, optim, steps=flow.steps, seed=opts.seed, rank=ctx.rank, dims=dims, dtype=flow.dtype, device=ctx.device)
+        net, optim = mdl.trained(dims, flow, seed=opts.seed, ctx=ctx)
     with tracker.phase("state-dict"):
         state, before = flows.state_for_save(net, optim, flow)
     entries = None
@@ -207,9 +204,7 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
     del net, optim, state
     _release_memory(ctx)
     with tracker.phase("setup"):
-        net2 = mdl.wrap(mdl.build_model(dims, seed=opts.seed + 1, dtype=flow.dtype, device=ctx.device),
-                        fsdp=flow.fsdp, device=ctx.device, world_size=ctx.world_size)
-        optim2 = mdl.build_optimizer(flow.optimizer, net2.parameters())
+        net2, optim2 = mdl.fresh(dims, flow, seed=opts.seed + 1, ctx=ctx)
     with tracker.phase("load"):
         after = flows.load_fresh(net2, optim2, path, flow)
         if ctx.world_size > 1:

@@ -209,10 +209,7 @@ def run_save(opts: SaveOptions, *, ctx) -> SaveResult:
     dims = ModelDims.for_world(ctx.world_size, width)
     tracker = set_tracker(PhaseTracker(ctx.rank))
     with tracker.phase("step"):
-        net = mdl.wrap(mdl.build_model(dims, seed=opts.seed, dtype=flow.dtype, device=ctx.device),
-                       fsdp=flow.fsdp, device=ctx.device, world_size=ctx.world_size)
-        optim = mdl.build_optimizer(flow.optimizer, net.parameters())
-        mdl.train_steps(net, optim, steps=flow.steps, seed=opts.seed, rank=ctx.rank, dims=dims, dtype=flow.dtype, device=ctx.device)
+        net, optim = mdl.trained(dims, flow, seed=opts.seed, ctx=ctx)
     with tracker.phase("state-dict"):
         state, _ = flows.state_for_save(net, optim, flow)
     with tracker.phase("fingerprint"):
@@ -360,9 +357,7 @@ def load_one(directory: str, opts: LoadOptions, *, ctx) -> LoadResult:
     tracker = set_tracker(PhaseTracker(ctx.rank))
     self_test = None
     with tracker.phase("load"):
-        net = mdl.wrap(mdl.build_model(dims, seed=seed + 1, dtype=flow.dtype, device=ctx.device),
-                       fsdp=flow.fsdp, device=ctx.device, world_size=ctx.world_size)
-        optim = mdl.build_optimizer(flow.optimizer, net.parameters())
+        net, optim = mdl.fresh(dims, flow, seed=seed + 1, ctx=ctx)
         flows.load_fresh(net, optim, path, flow)
     with tracker.phase("state-dict"):
         state, view = flows.state_for_save(net, optim, flow)
