@@ -85,17 +85,18 @@ uint64_t fsdpck_fp_strided(const void *data, int64_t itemsize, int64_t ndim, con
     const int64_t last = ndim - 1;
     const int64_t n = shape[last], s = strides[last], g = gstrides[last];
     int64_t idx[FSDPCK_MAX_DIMS] = {0};
+    int64_t offset = 0; /* in elements, from data */
     uint64_t i0 = base, acc = 0;
     for (;;) {
-        acc += run(p, itemsize, n, s, i0, g);
+        acc += run(p + offset * itemsize, itemsize, n, s, i0, g);
         /* Odometer over the outer dims, innermost first. */
         int64_t d = last - 1;
         for (; d >= 0; d--) {
-            p += strides[d] * itemsize;
+            offset += strides[d];
             i0 += (uint64_t)gstrides[d];
             if (++idx[d] < shape[d])
                 break;
-            p -= strides[d] * shape[d] * itemsize;
+            offset -= strides[d] * shape[d];
             i0 -= (uint64_t)gstrides[d] * (uint64_t)shape[d];
             idx[d] = 0;
         }

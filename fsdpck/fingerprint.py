@@ -346,9 +346,12 @@ _C_MAX_DIMS = 64  # FSDPCK_MAX_DIMS in _fpkernel.c
 _C_MIN_PER_THREAD = 1 << 20
 
 _lock = threading.Lock()
-# (ctypes function or None, the library kept alive or None, a line saying what was found).
-_c_state: tuple[Any, Any, str] | None = None
-_c_pool: Any = None
+# (ctypes function or None, the library's path or None, a line saying what was found).
+_c_state: tuple[Any, Path | None, str] | None = None
+# Loaded libraries, kept alive while their functions may be called.
+_c_libraries: list[Any] = []
+# (ThreadPoolExecutor, its size, the pid that made it) for splitting large CPU chunks.
+_c_pool: tuple[Any, int, int] | None = None
 # Per CUDA device (and "cpu" under Triton's interpreter): (usable, a line saying why or why not).
 _triton_state: dict[str, tuple[bool, str]] = {}
 
@@ -385,9 +388,8 @@ def backend(device: Any) -> str:
         if requested == "c":
             raise SetupError(f"{BACKEND_ENV}=c, but the C kernel is not available: {why}")
         return "torch"
-    if requested in ("auto", "triton") and (device.type == "cuda" or (device.type == "cpu" and requested == "triton")):
-        if device.type == "cpu" and not _triton_interpreting():
-            return "torch"
+    triton_serves = device.type == "cuda" or (device.type == "cpu" and _triton_interpreting())
+    if requested in ("auto", "triton") and triton_serves:
         ok, why = _triton_ready(device)
         if ok:
             return "triton"
@@ -397,17 +399,25 @@ def backend(device: Any) -> str:
 
 
 def backend_detail(device: Any) -> str:
-    """One line on ``device``'s path and why (library and ISA, or the reason for torch); for reports."""
+    """:func:`backend`'s answer for ``device`` and why: the library and ISA, or why torch; for reports."""
     import torch
 
     device = torch.device(device)
     path = backend(device)
-    if device.type == "cpu" and path != "triton":
-        return f"{path}: {_c_kernel()[2]}"
-    if path == "triton" or device.type == "cuda":
-        state = _triton_state.get(_device_key(device))
-        return f"{path}: {state[1] if state else 'Triton not tried'}"
-    return path
+    requested = _requested_backend()
+    if path == "c":
+        return f"c: {_c_kernel()[2]}"
+    if path == "triton":
+        return f"triton: {_triton_state[_device_key(device)][1]}"
+    if requested == "torch":
+        return f"torch: forced by {BACKEND_ENV}=torch"
+    if requested != "auto":
+        return f"torch: {BACKEND_ENV}={requested} does not serve {device.type} tensors"
+    if device.type == "cpu":
+        return f"torch: no C kernel: {_c_kernel()[2]}"
+    if device.type == "cuda":
+        return f"torch: no Triton kernel: {_triton_state[_device_key(device)][1]}"
+    return f"torch: the only path for {device.type} tensors"
 
 
 def _layout(
@@ -459,8 +469,8 @@ def _c_compiler() -> list[str] | None:
     return None
 
 
-def _c_kernel() -> tuple[Any, Any, str]:
-    """The C kernel's function (or None), the library holding it, and a line saying what happened; built once."""
+def _c_kernel() -> tuple[Any, Path | None, str]:
+    """The C kernel's function (or None), its library's path, and a line saying what happened; built once."""
     global _c_state
     with _lock:
         if _c_state is None:
@@ -468,9 +478,10 @@ def _c_kernel() -> tuple[Any, Any, str]:
         return _c_state
 
 
-def _build_c_kernel() -> tuple[Any, Any, str]:
+def _build_c_kernel() -> tuple[Any, Path | None, str]:
     import hashlib
     import platform
+    import tempfile
 
     try:
         source = _C_SOURCE.read_bytes()
@@ -481,30 +492,45 @@ def _build_c_kernel() -> tuple[Any, Any, str]:
     libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else ""
     platform_key = f"{sys.platform} {platform.machine()} {libc}".encode()
     cache = _cache_dir()
+    scratch = None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        writable = os.access(cache, os.W_OK)
+    except OSError:
+        writable = False
     compiler = _c_compiler()
     problems = []
-    for flags in _C_FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), platform_key])).hexdigest()[:20]
-        path = cache / f"fpkernel-{key}.so"
-        if path.exists():
-            fn, lib, why = _load_c_kernel(path)
+    try:
+        for flags in _C_FLAG_SETS:
+            key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), platform_key])).hexdigest()[:20]
+            path = cache / f"fpkernel-{key}.so"
+            if path.exists():
+                fn, why = _load_c_kernel(path)
+                if fn is not None:
+                    return fn, path, f"{path} (cached; {why})"
+                # Left by a run that differs in a way the key misses: build it anew below.
+                problems.append(why)
+            if compiler is None:
+                cc = os.environ.get("CC", "").strip()
+                problems.append(f"no C compiler (CC={cc!r} not found)" if cc else "no C compiler (cc, gcc, clang) on PATH")
+                break
+            if not writable:
+                # A read-only cache (a home dir mounted read-only on compute nodes): build into a
+                # private dir for this process, removed once loaded (the mapping stays valid).
+                scratch = scratch or Path(tempfile.mkdtemp(prefix="fsdpck-"))
+                path = scratch / path.name
+            why = _compile_c_kernel(compiler, flags, source, path)
+            if why is not None:
+                problems.append(why)
+                continue
+            fn, why = _load_c_kernel(path)
             if fn is not None:
-                return fn, lib, f"{path} (cached; {why})"
-            # Left by a run that differs in a way the key misses: build it anew below.
+                return fn, path, f"{path} ({'compiled' if writable else f'compiled, {cache} not writable'}; {why})"
             problems.append(why)
-        if compiler is None:
-            cc = os.environ.get("CC", "").strip()
-            problems.append(f"no C compiler (CC={cc!r} not found)" if cc else "no C compiler (cc, gcc, clang) on PATH")
-            break
-        why = _compile_c_kernel(compiler, flags, source, path)
-        if why is not None:
-            problems.append(why)
-            continue
-        fn, lib, why = _load_c_kernel(path)
-        if fn is not None:
-            return fn, lib, f"{path} (compiled; {why})"
-        problems.append(why)
-    return None, None, "; ".join(problems)
+        return None, None, "; ".join(problems)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _compile_c_kernel(compiler: list[str], flags: Sequence[str], source: bytes, path: Path) -> str | None:
@@ -538,7 +564,8 @@ def _compile_c_kernel(compiler: list[str], flags: Sequence[str], source: bytes, 
             tmp.unlink()
 
 
-def _load_c_kernel(path: Path) -> tuple[Any, Any, str]:
+def _load_c_kernel(path: Path) -> tuple[Any, str]:
+    """The kernel function from the library at ``path`` (or None) and its ISA (or why not)."""
     import ctypes
 
     try:
@@ -546,7 +573,7 @@ def _load_c_kernel(path: Path) -> tuple[Any, Any, str]:
         fn = lib.fsdpck_fp_strided
         isa = lib.fsdpck_fp_isa
     except (OSError, AttributeError) as e:
-        return None, None, f"cannot load {path}: {e}"
+        return None, f"cannot load {path}: {e}"
     i64p = ctypes.POINTER(ctypes.c_int64)
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, i64p, i64p, i64p, ctypes.c_uint64]
     fn.restype = ctypes.c_uint64
@@ -554,8 +581,9 @@ def _load_c_kernel(path: Path) -> tuple[Any, Any, str]:
     isa.restype = ctypes.c_char_p
     why = _c_self_check(fn)
     if why is not None:
-        return None, None, f"{path} failed its self-check: {why}"
-    return fn, lib, f"ISA {isa().decode()}"
+        return None, f"{path} failed its self-check: {why}"
+    _c_libraries.append(lib)
+    return fn, f"ISA {isa().decode()}"
 
 
 def _c_call(fn: Any, address: int, itemsize: int, dims: Sequence[tuple[int, int, int]], base: int) -> int:
@@ -625,15 +653,18 @@ def _fp_chunk_c(bits: torch.Tensor, dims: list[tuple[int, int, int]], base: int)
 
 
 def _thread_pool(workers: int) -> Any:
+    """A thread pool of at least ``workers`` threads, made again after a fork (whose child has none)."""
     global _c_pool
     from concurrent.futures import ThreadPoolExecutor
 
     with _lock:
-        if _c_pool is None or _c_pool._max_workers < workers:
-            if _c_pool is not None:
-                _c_pool.shutdown(wait=False)
-            _c_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsdpck-fp")
-        return _c_pool
+        pool, size, pid = _c_pool if _c_pool is not None else (None, 0, None)
+        if pool is None or size < workers or pid != os.getpid():
+            if pool is not None and pid == os.getpid():
+                pool.shutdown(wait=False)
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsdpck-fp")
+            _c_pool = (pool, workers, os.getpid())
+        return pool
 
 
 # --- the Triton kernel -------------------------------------------------------------------
@@ -643,7 +674,7 @@ def _device_key(device: Any) -> str:
     import torch
 
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     return str(device)
 
@@ -678,19 +709,26 @@ def _check_triton(device: str) -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - ImportError, or a triton that breaks on import
         return False, f"triton does not import: {type(e).__name__}: {e}"
     try:
-        # The kernel against the torch path on this device: every itemsize, unit-stride
-        # and strided, more than one tile, several outer dims.
+        # The kernel against the torch path on this device, in the variants that matter: every
+        # itemsize on a contiguous run (the common case), rows of a 2-D slice, and a strided
+        # 3-D chunk (outer dims split by division, memory stride 3). More than one tile each.
         gen = torch.Generator().manual_seed(0)
         data = torch.randint(0, 256, (2 * 3 * 1100 * 8,), generator=gen, dtype=torch.uint8)
+        cases = []
         for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.int64):
             full = data.view(dtype)[: 2 * 3 * 1100].reshape(2, 3, 1100).to(device)
-            for chunk, offsets in ((full, (0, 0, 0)), (full[:, 1:, 5:900:3], (0, 1, 5))):
-                shape = list(chunk.shape)
-                dims, base = _layout(shape, chunk.stride(), full.shape, offsets)
-                got = module.fp_layout(chunk, dims, base)
-                expected = _fp_chunk_torch(chunk, shape, list(full.shape), list(offsets))
-                if got != expected:
-                    return False, f"self-check failed for {dtype}, shape {shape}: {got:016x} != {expected:016x}"
+            cases.append((full, (0, 0, 0), full.shape))
+            if dtype == torch.uint16:
+                cases.append((full[1, :, 7:1000], (1, 7), (3, 1100)))
+            if dtype == torch.int64:
+                cases.append((full[:, 1:, 5:900:3], (0, 1, 5), full.shape))
+        for chunk, offsets, global_shape in cases:
+            shape = list(chunk.shape)
+            dims, base = _layout(shape, chunk.stride(), global_shape, offsets)
+            got = module.fp_layout(chunk, dims, base)
+            expected = _fp_chunk_torch(chunk, shape, list(global_shape), list(offsets))
+            if got != expected:
+                return False, f"self-check failed for {chunk.dtype}, shape {shape}: {got:016x} != {expected:016x}"
     except Exception as e:  # noqa: BLE001 - compile or launch failure: keep torch
         return False, f"self-check raised {type(e).__name__}: {e}"
     return True, f"triton {getattr(module.triton, '__version__', '?')}"

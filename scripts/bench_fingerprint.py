@@ -1,43 +1,65 @@
-"""How fast is fsdpck's fingerprint, against a memory-bandwidth baseline measured in the same run?
+"""How fast is each fingerprint path, against a memory-bandwidth baseline measured in the same run?
 
-Fingerprints a float32 tensor (256 MiB by default) with ``fp_tensor`` and copies it with
-``t.clone()`` (and ``copy_`` into a buffer kept alive, which skips clone's page faults), and
-prints the rates in GB/s (tensor bytes per second) and their ratios, so that numbers from
-different machines can be compared by the ratio. Run from the repo root::
+Fingerprints one tensor (256 MiB of float32 by default) through every path that serves its
+device (``torch`` always; ``c`` on the CPU; ``triton`` on CUDA), each forced with
+``FSDPCK_FP_BACKEND``, and copies it with ``t.clone()`` and with ``copy_`` into a buffer kept
+alive (which skips clone's page faults). Prints the rates in GB/s (tensor bytes per second)
+and each path's ratio to ``copy_``, so that numbers from different machines compare by the
+ratio, and checks that every path gives the same fingerprint. Run from the repo root::
 
     python scripts/bench_fingerprint.py                       # all intra-op threads
-    python scripts/bench_fingerprint.py --threads 1           # per CPU core
-    python scripts/bench_fingerprint.py --piece-numel 65536   # another piece size
-    python scripts/bench_fingerprint.py --device cuda
+    OMP_NUM_THREADS=1 python scripts/bench_fingerprint.py     # per CPU core
+    python scripts/bench_fingerprint.py --dtype bfloat16 --backends c,torch
+    python scripts/bench_fingerprint.py --device cuda --triton-sweep
+    python scripts/bench_fingerprint.py --json -              # the same figures as JSON on stdout
     python scripts/bench_fingerprint.py --compiled            # also a fused torch.compile kernel
 
-Each figure is the best of ``--repeat`` timed runs after one untimed warm-up.
+Each figure is the best of ``--repeat`` timed runs after one untimed warm-up (which also
+compiles the C or Triton kernel, if that has not happened yet). The C path uses torch's
+intra-op thread count (``--threads``, or ``OMP_NUM_THREADS``), as the torch path does. On the
+CPU it also prints GB per CPU-second (bytes over the process's CPU time, all threads): a
+per-core rate that other load on a shared machine hardly moves, where wall-clock rates do.
 
-``--compiled`` measures the headroom of a fused kernel: the same arithmetic through
-``torch.compile`` (one loop in registers instead of ~25 passes over int64 temporaries).
-fsdpck does not use it; it is here to size that option, compile time included.
+``--triton-sweep`` times the Triton kernel at a few tile sizes and warp counts
+(``fingerprint_triton.BLOCK`` / ``NUM_WARPS``) to choose its defaults. ``--compiled`` times the
+same arithmetic through ``torch.compile``: the headroom a fused torch kernel would have, compile
+time included; fsdpck does not use it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+ALL_BACKENDS = ("torch", "c", "triton")
+
 
 def best_seconds(fn, *, repeat: int, sync) -> float:
+    return best_times(fn, repeat=repeat, sync=sync)[0]
+
+
+def best_times(fn, *, repeat: int, sync) -> tuple[float, float]:
+    """The best wall-clock seconds and the best CPU seconds (this process, all threads) of ``repeat`` runs.
+
+    CPU seconds make a per-core rate that other load on the machine hardly moves: a run that
+    waits for a core does not count the wait.
+    """
     fn()
     sync()
-    best = float("inf")
+    best_wall = best_cpu = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
         sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    return best_wall, best_cpu
 
 
 def compiled_fp_tensor(piece_numel: int):
@@ -70,14 +92,58 @@ def compiled_fp_tensor(piece_numel: int):
     return fp
 
 
+def forced(name: str):
+    """Context: FSDPCK_FP_BACKEND=name, restored afterwards."""
+    import contextlib
+
+    from fsdpck.fingerprint import BACKEND_ENV
+
+    @contextlib.contextmanager
+    def cm():
+        old = os.environ.get(BACKEND_ENV)
+        os.environ[BACKEND_ENV] = name
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(BACKEND_ENV, None)
+            else:
+                os.environ[BACKEND_ENV] = old
+
+    return cm()
+
+
+def make_tensor(mib: int, dtype_name: str, device):
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = mib * (1 << 20) // itemsize
+    # Random bytes viewed as the dtype: the paths must not care what the values are.
+    data = torch.randint(0, 256, (numel * itemsize,), dtype=torch.uint8, device=device)
+    if dtype == torch.bool:
+        data &= 1
+    return data.view(dtype)
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=256, help="tensor size in MiB (float32)")
+    parser.add_argument("--mib", type=int, default=256, help="tensor size in MiB")
+    parser.add_argument("--dtype", default="float32", help="torch dtype name (itemsize 1, 2, 4 or 8)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--piece-numel", type=int, default=None, help="override fingerprint.PIECE_NUMEL")
+    parser.add_argument(
+        "--backends", default=None, help=f"comma-separated paths to time, of {ALL_BACKENDS} (default: the device's)"
+    )
+    parser.add_argument("--piece-numel", type=int, default=None, help="override fingerprint.PIECE_NUMEL (torch path)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--triton-sweep", action="store_true", help="also time Triton tile sizes and warp counts")
     parser.add_argument("--compiled", action="store_true", help="also time a torch.compile'd fused kernel")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write the figures as JSON to PATH ('-': stdout)")
     args = parser.parse_args()
 
     import torch
@@ -90,37 +156,153 @@ def main() -> None:
         fingerprint.PIECE_NUMEL = args.piece_numel
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    to_stdout = args.json == "-"
+    say = (lambda *a: print(*a, file=sys.stderr)) if to_stdout else print
 
-    t = torch.randn(args.mib * (1 << 20) // 4, device=device)
+    if args.backends:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    else:
+        backends = {"cpu": ["torch", "c"], "cuda": ["torch", "triton"]}.get(device.type, ["torch"])
+
+    t = make_tensor(args.mib, args.dtype, device)
     nbytes = t.numel() * t.element_size()
     clone_s = best_seconds(lambda: t.clone(), repeat=args.repeat, sync=sync)
     # clone() also pays for fresh pages; copy_ into a buffer kept alive is the pure bandwidth.
     dst = torch.empty_like(t)
-    copy_s = best_seconds(lambda: dst.copy_(t), repeat=args.repeat, sync=sync)
+    copy_s, copy_cpu_s = best_times(lambda: dst.copy_(t), repeat=args.repeat, sync=sync)
     del dst
-    fp_s = best_seconds(lambda: fingerprint.fp_tensor(t), repeat=args.repeat, sync=sync)
 
-    piece = fingerprint.piece_numel(device)
-    print(
+    report = {
+        "schema": "fsdpck.bench_fingerprint/1",
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "mib": args.mib,
+        "numel": t.numel(),
+        "bytes": nbytes,
+        "repeat": args.repeat,
+        "baseline": {
+            "clone": {"seconds": clone_s, "gb_per_s": gbps(nbytes, clone_s)},
+            "copy_": {
+                "seconds": copy_s,
+                "cpu_seconds": copy_cpu_s,
+                "gb_per_s": gbps(nbytes, copy_s),
+                "gb_per_cpu_s": gbps(nbytes, copy_cpu_s) if device.type == "cpu" and copy_cpu_s > 0 else None,
+            },
+        },
+        "backends": {},
+    }
+    say(
         f"torch {torch.__version__}  device {device}  threads {torch.get_num_threads()}  "
-        f"tensor {args.mib} MiB float32  piece {piece} elements"
+        f"tensor {args.mib} MiB {args.dtype} ({t.numel()} elements)"
     )
-    print(f"clone        {nbytes / clone_s / 1e9:8.2f} GB/s  ({clone_s * 1e3:.1f} ms)")
-    print(f"copy_        {nbytes / copy_s / 1e9:8.2f} GB/s  ({copy_s * 1e3:.1f} ms)")
-    print(f"fp_tensor    {nbytes / fp_s / 1e9:8.2f} GB/s  ({fp_s * 1e3:.1f} ms)")
-    print(f"ratio fp_tensor/clone  {clone_s / fp_s:.3f}")
-    print(f"ratio fp_tensor/copy_  {copy_s / fp_s:.3f}")
+    say(f"{'clone':10} {gbps(nbytes, clone_s):9.2f} GB/s  ({clone_s * 1e3:.1f} ms)")
+    copy_per_core = f"; {gbps(nbytes, copy_cpu_s):.2f} GB per CPU-second" if device.type == "cpu" and copy_cpu_s else ""
+    say(f"{'copy_':10} {gbps(nbytes, copy_s):9.2f} GB/s  ({copy_s * 1e3:.1f} ms{copy_per_core})")
+
+    values = {}
+    for name in backends:
+        with forced(name):
+            try:
+                used = fingerprint.backend(device)
+                detail = fingerprint.backend_detail(device)
+            except Exception as e:  # noqa: BLE001 - report a path that cannot run here, and go on
+                report["backends"][name] = {"available": False, "why": str(e)}
+                say(f"{name:10}  unavailable: {e}")
+                continue
+            if used != name:
+                why = f"FSDPCK_FP_BACKEND={name} runs {used} on {device}"
+                report["backends"][name] = {"available": False, "why": why}
+                say(f"{name:10}  unavailable: {why}")
+                continue
+            start = time.perf_counter()
+            values[name] = fingerprint.fp_tensor(t)
+            sync()
+            first_s = time.perf_counter() - start
+            seconds, cpu_s = best_times(lambda: fingerprint.fp_tensor(t), repeat=args.repeat, sync=sync)
+        report["backends"][name] = {
+            "available": True,
+            "detail": detail,
+            "seconds": seconds,
+            "cpu_seconds": cpu_s,
+            "first_call_seconds": first_s,
+            "gb_per_s": gbps(nbytes, seconds),
+            "gb_per_cpu_s": gbps(nbytes, cpu_s) if device.type == "cpu" and cpu_s > 0 else None,
+            "ratio_to_copy": copy_s / seconds,
+            "fingerprint": fingerprint.to_hex(values[name]),
+        }
+        per_core = f"; {gbps(nbytes, cpu_s):.2f} GB per CPU-second" if device.type == "cpu" and cpu_s > 0 else ""
+        say(
+            f"{name:10} {gbps(nbytes, seconds):9.2f} GB/s  ({seconds * 1e3:.1f} ms; ratio to copy_ "
+            f"{copy_s / seconds:.3f}{per_core}; first call {first_s * 1e3:.0f} ms)  [{detail}]"
+        )
+    same = len(set(values.values())) <= 1
+    report["same_fingerprint"] = same
+    if values:
+        say(f"fingerprint {fingerprint.to_hex(next(iter(values.values())))}  same on every path: {same}")
+
+    if args.triton_sweep and device.type == "cuda":
+        report["triton_sweep"] = triton_sweep(t, nbytes, copy_s, args.repeat, sync, say)
+
     if args.compiled:
-        fp = compiled_fp_tensor(piece)
+        fp = compiled_fp_tensor(fingerprint.piece_numel(device))
         start = time.perf_counter()
-        same = fp(t) == fingerprint.fp_tensor(t)
+        with forced("torch"):
+            reference = fingerprint.fp_tensor(t)
+        compiled_same = fp(t) == reference
         first_s = time.perf_counter() - start
         compiled_s = best_seconds(lambda: fp(t), repeat=args.repeat, sync=sync)
-        print(
-            f"compiled     {nbytes / compiled_s / 1e9:8.2f} GB/s  ({compiled_s * 1e3:.1f} ms; first call with "
-            f"compile {first_s:.1f} s; same fingerprint: {same})"
+        report["compiled"] = {
+            "seconds": compiled_s,
+            "gb_per_s": gbps(nbytes, compiled_s),
+            "ratio_to_copy": copy_s / compiled_s,
+            "first_call_seconds": first_s,
+            "same_fingerprint": compiled_same,
+        }
+        say(
+            f"{'compiled':10} {gbps(nbytes, compiled_s):9.2f} GB/s  ({compiled_s * 1e3:.1f} ms; ratio to copy_ "
+            f"{copy_s / compiled_s:.3f}; first call with compile {first_s:.1f} s; same fingerprint: {compiled_same})"
         )
-        print(f"ratio compiled/copy_   {copy_s / compiled_s:.3f}")
+
+    if args.json:
+        text = json.dumps(report, indent=2) + "\n"
+        if to_stdout:
+            sys.stdout.write(text)
+        else:
+            Path(args.json).write_text(text)
+    if not same:
+        sys.exit(1)
+
+
+def triton_sweep(t, nbytes: int, copy_s: float, repeat: int, sync, say) -> list[dict]:
+    """The Triton path's rate at a few BLOCK / NUM_WARPS / TILES settings (each compiles once)."""
+    from fsdpck import fingerprint, fingerprint_triton
+
+    saved = (fingerprint_triton.BLOCK, fingerprint_triton.NUM_WARPS, fingerprint_triton.TILES)
+    rows = []
+    try:
+        with forced("triton"):
+            expected = fingerprint.fp_tensor(t)
+            for block, warps, tiles in [
+                (512, 4, 8), (1024, 4, 8), (1024, 8, 8), (2048, 8, 8), (2048, 4, 8), (4096, 8, 8),
+                (1024, 4, 2), (1024, 4, 32),
+            ]:  # fmt: skip
+                fingerprint_triton.BLOCK, fingerprint_triton.NUM_WARPS, fingerprint_triton.TILES = block, warps, tiles
+                same = fingerprint.fp_tensor(t) == expected
+                seconds = best_seconds(lambda: fingerprint.fp_tensor(t), repeat=repeat, sync=sync)
+                rows.append(
+                    {"block": block, "num_warps": warps, "tiles": tiles, "seconds": seconds,
+                     "gb_per_s": gbps(nbytes, seconds), "ratio_to_copy": copy_s / seconds, "same_fingerprint": same}
+                )  # fmt: skip
+                say(
+                    f"  triton BLOCK {block:5} warps {warps} tiles {tiles:2}: {gbps(nbytes, seconds):9.2f} GB/s  "
+                    f"(ratio to copy_ {copy_s / seconds:.3f}; same fingerprint: {same})"
+                )
+    finally:
+        fingerprint_triton.BLOCK, fingerprint_triton.NUM_WARPS, fingerprint_triton.TILES = saved
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,20 +1,27 @@
-"""Tests of fsdpck.fingerprint: the torch path equals the definition, and any split adds up.
+"""Tests of fsdpck.fingerprint: every path equals the definition, and any split adds up.
 
 Pure logic in one process (plus a world-size-1 gloo group for DTensor and ShardedTensor),
-and one ``torchrun`` test on 3 ranks for uneven and empty DTensor shards. Run with
-``python -m pytest tests/test_fingerprint.py -q``.
+and one ``torchrun`` test on 3 ranks for uneven and empty DTensor shards. The C kernel and
+the torch path are both held to ``fp_reference`` (``FSDPCK_FP_BACKEND`` picks one); the
+Triton kernel runs in Triton's interpreter in a subprocess where triton is installed, and on
+the GPU where there is one. Run with ``python -m pytest tests/test_fingerprint.py -q``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import itertools
 import math
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -28,6 +35,7 @@ from hypothesis import strategies as st
 from torch.distributed.tensor import Replicate, Shard
 
 from fsdpck import fingerprint
+from fsdpck.errors import SetupError
 from fsdpck.fingerprint import (
     MASK64,
     allreduce_sum_u64,
@@ -81,6 +89,36 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torc
 
 
 @contextlib.contextmanager
+def forced_backend(name: str | None):
+    """Run with ``FSDPCK_FP_BACKEND=name`` (None: unset, i.e. auto); hypothesis-safe like piece_numel."""
+    env = {k: v for k, v in os.environ.items() if k != fingerprint.BACKEND_ENV}
+    if name is not None:
+        env[fingerprint.BACKEND_ENV] = name
+    with mock.patch.dict(os.environ, env, clear=True):
+        yield
+
+
+def c_available() -> bool:
+    with forced_backend(None):
+        return fingerprint.backend("cpu") == "c"
+
+
+# The CPU paths every equivalence test runs through; "c" is skipped (with its reason) where
+# the C kernel cannot be built, and test_c_kernel_is_used_where_a_compiler_is catches a C
+# kernel that silently went missing.
+CPU_PATHS = ["torch", "c"]
+
+
+@pytest.fixture(params=CPU_PATHS)
+def cpu_path(request):
+    """Each CPU path in turn, forced through FSDPCK_FP_BACKEND."""
+    if request.param == "c" and not c_available():
+        pytest.skip(f"no C kernel here: {fingerprint.backend_detail('cpu')}")
+    with forced_backend(request.param):
+        yield request.param
+
+
+@contextlib.contextmanager
 def piece_numel(n: int | None):
     """Set fingerprint.PIECE_NUMEL so that pieces split inside chunks (None: the per-device default).
 
@@ -101,7 +139,7 @@ def test_mix64_is_splitmix64():
     assert mix64(2 * golden) == 0x6E789E6AA1B965F4
 
 
-def test_known_answers():
+def test_known_answers(cpu_path):
     # Pinned so that the definition cannot drift: a manifest written today must still
     # verify tomorrow. Bits come from struct, not from torch.
     f32 = [struct.unpack("<I", struct.pack("<f", float(x)))[0] for x in range(12)]
@@ -150,7 +188,7 @@ def test_import_does_not_import_torch():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (5,), (4, 6), (2, 3, 4)], ids=str)
-def test_matches_reference_every_dtype(dtype, shape):
+def test_matches_reference_every_dtype(dtype, shape, cpu_path):
     t = random_tensor(shape, dtype, seed=zlib.crc32(f"{dtype}{shape}".encode()))
     expected = reference_fp(t)
     assert fp_tensor(t) == expected
@@ -164,7 +202,7 @@ def test_matches_reference_every_dtype(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_special_float_values(dtype):
+def test_special_float_values(dtype, cpu_path):
     finfo = torch.finfo(dtype)
     values = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, finfo.smallest_normal, finfo.max], dtype=dtype)
     denormal = torch.tensor([1], dtype=_SIGNED_BY_ITEMSIZE[values.element_size()]).view(dtype)
@@ -195,7 +233,7 @@ def test_rejects_chunk_outside_global_shape():
     assert fp_chunk(torch.zeros(0, 3), global_shape=(4, 3), offsets=(4, 0)) == 0
 
 
-def test_requires_grad_and_views():
+def test_requires_grad_and_views(cpu_path):
     base = torch.randn(6, 8, requires_grad=True)
     assert fp_tensor(base) == reference_fp(base)
     view = base[1:5:2, ::3]
@@ -260,7 +298,8 @@ def split_case(draw):
     blocks = split((0,) * ndim, shape, depth=3)
     layouts = [draw(st.sampled_from(["slice", "copy", "column-major", "strided"])) for _ in blocks]
     pieces = draw(st.sampled_from([1, 3, 7, 16, None]))
-    return shape, dtype, seed, blocks, layouts, pieces
+    path = draw(st.sampled_from(CPU_PATHS))
+    return shape, dtype, seed, blocks, layouts, pieces, path
 
 
 def lay_out(chunk: torch.Tensor, layout: str) -> torch.Tensor:
@@ -281,12 +320,14 @@ def lay_out(chunk: torch.Tensor, layout: str) -> torch.Tensor:
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(split_case())
 def test_any_split_adds_up(case):
-    shape, dtype, seed, blocks, layouts, pieces = case
+    shape, dtype, seed, blocks, layouts, pieces, path = case
+    if path == "c" and not c_available():
+        path = "torch"
     full = random_tensor(shape, dtype, seed)
-    whole = fp_tensor(full)
-    assert whole == reference_fp(full)
     total = 0
-    with piece_numel(pieces):
+    with forced_backend(path), piece_numel(pieces):
+        whole = fp_tensor(full)
+        assert whole == reference_fp(full)
         for (lo, hi), layout in zip(blocks, layouts):
             chunk = lay_out(full[tuple(slice(a, b) for a, b in zip(lo, hi))], layout)
             part = fp_chunk(chunk, global_shape=shape, offsets=lo)
@@ -296,13 +337,13 @@ def test_any_split_adds_up(case):
         assert fp_tensor(full) == whole
 
 
-def test_zero_dim_is_index_zero():
+def test_zero_dim_is_index_zero(cpu_path):
     t = torch.tensor(3.5)
     assert fp_tensor(t) == fp_reference(raw_bits(t), [0])
     assert fp_tensor(t) == fp_tensor(t.reshape(1)) == fp_tensor(t.reshape(1, 1))
 
 
-def test_large_tensor_split_in_pieces():
+def test_large_tensor_split_in_pieces(cpu_path):
     # Pieces split a row of a large last dim and span several rows of a short one.
     full = random_tensor((3, 1000), torch.float32, seed=3)
     expected = reference_fp(full)
@@ -330,6 +371,330 @@ def test_cuda_matches_cpu(dtype):
             on_gpu[10:, 3:], global_shape=(37, 29), offsets=(10, 3)
         ) + fp_chunk(on_gpu[10:, :3], global_shape=(37, 29), offsets=(10, 0))
     assert parts & MASK64 == expected
+
+
+# --- the paths: C kernel, torch, Triton --------------------------------------------------
+
+
+def placed_reference(values: torch.Tensor, global_shape: tuple[int, ...], offsets: tuple[int, ...]) -> int:
+    """fp_reference of ``values`` as a chunk at ``offsets`` in ``global_shape``, indices computed here."""
+    strides = [math.prod(global_shape[d + 1 :]) for d in range(len(global_shape))]
+    indices = [
+        sum((o + j) * g for o, j, g in zip(offsets, position, strides))
+        for position in itertools.product(*(range(n) for n in values.shape))
+    ]
+    return fp_reference(raw_bits(values), indices)
+
+
+def odd_layouts() -> list[tuple[str, torch.Tensor, tuple[int, ...], tuple[int, ...]]]:
+    """(name, chunk, global shape, offsets): layouts that exercise the kernels' dim handling."""
+    big = random_tensor((3, 3, 3, 3, 3), torch.float32, seed=21)
+    cube = random_tensor((4, 5, 6), torch.bfloat16, seed=22)
+    row = random_tensor((1, 70), torch.int16, seed=23)
+    return [
+        # Five dims that no two can merge: more than the Triton kernel's four.
+        ("five-dims", big[::2, ::2, ::2, ::2, ::2], (3, 3, 3, 3, 3), (1, 0, 1, 0, 1)),
+        # A chunk read along its columns: memory order is not index order.
+        ("column-major", cube.permute(2, 1, 0).contiguous().permute(2, 1, 0), (4, 5, 6), (0, 0, 0)),
+        ("permuted-slice", cube.permute(1, 2, 0)[1:4, :, 2:], (9, 9, 9), (2, 3, 1)),
+        # Stride 0: every element of a dim is the same memory.
+        ("expanded", row.expand(3, 70), (5, 80), (1, 7)),
+        ("step", row[0, 3::4], (200,), (17,)),
+        ("size-1-dims", cube[2:3, :, 4:5], (4, 5, 6), (2, 0, 4)),
+    ] + [(f"run-{n}", random_tensor((n,), torch.uint8, seed=n), (40,), (40 - n,)) for n in (1, 7, 16, 17, 33)]
+
+
+@pytest.mark.parametrize("name, chunk, global_shape, offsets", odd_layouts(), ids=[c[0] for c in odd_layouts()])
+def test_paths_agree_on_odd_layouts(name, chunk, global_shape, offsets, cpu_path):
+    expected = placed_reference(chunk, global_shape, offsets)
+    assert fp_chunk(chunk, global_shape=global_shape, offsets=offsets) == expected
+
+
+def test_layout_orders_and_merges_dims():
+    # A contiguous tensor is one run; a slice of whole rows too; a column slice is rows x columns.
+    assert fingerprint._layout([4, 5, 6], [30, 6, 1], [4, 5, 6], [0, 0, 0]) == ([(120, 1, 1)], 0)
+    assert fingerprint._layout([2, 5, 6], [30, 6, 1], [4, 5, 6], [1, 0, 0]) == ([(60, 1, 1)], 30)
+    assert fingerprint._layout([4, 3], [10, 1], [4, 10], [0, 7]) == ([(4, 10, 10), (3, 1, 1)], 7)
+    # Column-major: the innermost loop walks memory (stride 1), the global index by a row (3).
+    assert fingerprint._layout([4, 3], [1, 4], [4, 3], [0, 0]) == ([(3, 4, 1), (4, 1, 3)], 0)
+    # Size-1 dims only move the base; 0-dim is one element at index 0.
+    assert fingerprint._layout([1, 3, 1], [3, 1, 1], [2, 3, 4], [1, 0, 2]) == ([(3, 1, 4)], 14)
+    assert fingerprint._layout([], [], [], []) == ([], 0)
+
+
+def test_c_kernel_is_used_where_a_compiler_is():
+    # A kernel that stops building must fail here, not slip silently onto the torch path.
+    if fingerprint._c_compiler() is None:
+        pytest.skip("no C compiler on PATH")
+    with forced_backend(None):
+        assert fingerprint.backend("cpu") == "c", fingerprint.backend_detail("cpu")
+        assert "ISA" in fingerprint.backend_detail("cpu")
+
+
+def test_c_kernel_splits_large_chunks_over_threads(monkeypatch):
+    if not c_available():
+        pytest.skip(f"no C kernel here: {fingerprint.backend_detail('cpu')}")
+    full = random_tensor((9, 40), torch.float64, seed=31)
+    expected = reference_fp(full)
+    calls = []
+    real_call = fingerprint._c_call
+    monkeypatch.setattr(fingerprint, "_C_MIN_PER_THREAD", 16)
+    monkeypatch.setattr(fingerprint, "_c_call", lambda *args: calls.append(args) or real_call(*args))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with forced_backend("c"):
+            assert fp_tensor(full) == expected
+            assert len(calls) == 4
+            assert fp_tensor(full.t().contiguous().t()) == expected
+            part = full[2:7, 5:]
+            assert fp_chunk(part, global_shape=(9, 40), offsets=(2, 5)) == placed_reference(part, (9, 40), (2, 5))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_backend_env_var():
+    with forced_backend("torch"):
+        assert fingerprint.backend("cpu") == "torch"
+        with mock.patch.object(fingerprint, "_fp_chunk_c", side_effect=AssertionError("C path used")):
+            t = random_tensor((3, 4), torch.float32, seed=1)
+            assert fp_tensor(t) == reference_fp(t)
+    with forced_backend(" Torch "):
+        assert fingerprint.backend("cpu") == "torch"
+    with forced_backend("cuda"), pytest.raises(SetupError, match="FSDPCK_FP_BACKEND='cuda'"):
+        fingerprint.backend("cpu")
+    # A forced path serves its own devices; the others stay on torch.
+    with forced_backend("c"):
+        assert fingerprint.backend("meta") == "torch"
+    if c_available():
+        with forced_backend("c"):
+            assert fingerprint.backend("cpu") == "c"
+        with forced_backend("auto"):
+            assert fingerprint.backend("cpu") == "c"
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """No C compiler (CC names a program that does not exist) and an empty kernel cache."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("FSDPCK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fingerprint, "_c_state", None)
+    yield tmp_path / "cache"
+    monkeypatch.setattr(fingerprint, "_c_state", None)
+
+
+def test_no_compiler_falls_back_to_torch_silently(no_compiler, capfd):
+    with forced_backend(None):
+        assert fingerprint.backend("cpu") == "torch"
+        assert "no C compiler" in fingerprint.backend_detail("cpu")
+        for dtype in (torch.bool, torch.bfloat16, torch.float32, torch.int64):
+            t = random_tensor((5, 7), dtype, seed=3)
+            assert fp_tensor(t) == reference_fp(t)
+            assert fp_tensor(t[1:, ::2]) == reference_fp(t[1:, ::2])
+    with forced_backend("c"), pytest.raises(SetupError, match="no C compiler"):
+        fingerprint.backend("cpu")
+    assert capfd.readouterr() == ("", "")
+
+
+@pytest.fixture(scope="module")
+def built_library() -> Path:
+    """The C kernel's library as this machine builds it (from the user's cache, or compiled into it)."""
+    with forced_backend(None):
+        fn, path, detail = fingerprint._c_kernel()
+    if fn is None:
+        pytest.skip(f"no C kernel here: {detail}")
+    return path
+
+
+def test_cached_kernel_needs_no_compiler(built_library, no_compiler):
+    # A compute node without a compiler uses the library that a login node cached; the key is
+    # the source, flags and platform, so the name is the same in any cache dir.
+    no_compiler.mkdir()
+    copy = no_compiler / built_library.name
+    copy.write_bytes(b"not a shared library")
+    with forced_backend(None):
+        assert fingerprint.backend("cpu") == "torch"
+        assert "cannot load" in fingerprint.backend_detail("cpu")
+    shutil.copyfile(built_library, copy)
+    fingerprint._c_state = None
+    with forced_backend(None):
+        assert fingerprint.backend("cpu") == "c"
+        assert "(cached;" in fingerprint.backend_detail("cpu")
+        t = random_tensor((4, 9), torch.float16, seed=4)
+        assert fp_tensor(t) == reference_fp(t)
+
+
+def test_concurrent_compiles_leave_one_whole_library(tmp_path):
+    # Many ranks compile into one shared cache at once: each renames a whole file into place.
+    compiler = fingerprint._c_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler on PATH")
+    source = fingerprint._C_SOURCE.read_bytes()
+    flags = fingerprint._C_FLAG_SETS[-1]  # the quick build: the renaming is what is tested
+    target = tmp_path / "cache" / "fpkernel-test.so"
+    results = []
+    workers = [
+        threading.Thread(target=lambda: results.append(fingerprint._compile_c_kernel(compiler, flags, source, target)))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert results == [None, None]
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    fn, why = fingerprint._load_c_kernel(target)
+    assert fn is not None, why
+
+
+def test_unwritable_cache_compiles_privately(monkeypatch, tmp_path):
+    # A home dir mounted read-only on compute nodes: build for this process alone, leave nothing.
+    if fingerprint._c_compiler() is None:
+        pytest.skip("no C compiler on PATH")
+    monkeypatch.setenv("FSDPCK_CACHE", os.devnull + "/fsdpck")  # cannot be created
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(fingerprint, "_C_FLAG_SETS", fingerprint._C_FLAG_SETS[-1:])  # the quick build
+    monkeypatch.setattr(fingerprint, "_c_state", None)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR afresh
+    with forced_backend(None):
+        assert fingerprint.backend("cpu") == "c", fingerprint.backend_detail("cpu")
+        assert "not writable" in fingerprint.backend_detail("cpu")
+        t = random_tensor((6, 5), torch.int32, seed=8)
+        assert fp_tensor(t.t()) == reference_fp(t.t())
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(fingerprint, "_c_state", None)
+
+
+def test_c_self_check_refuses_a_wrong_kernel():
+    assert "itemsize 1" in fingerprint._c_self_check(lambda *args: 0)
+    if c_available():
+        assert fingerprint._c_self_check(fingerprint._c_kernel()[0]) is None
+
+
+def test_triton_failure_falls_back_to_torch(monkeypatch):
+    # On CUDA, auto mode: a chunk the Triton kernel fails on is done by torch, and the device
+    # stays on torch; forced, the failure is raised. Shown on the CPU with a kernel that fails.
+    class Broken:
+        @staticmethod
+        def fp_layout(*args):
+            raise RuntimeError("PTX assembly aborted")
+
+    monkeypatch.setattr(fingerprint, "backend", lambda device: "triton")
+    monkeypatch.setattr(fingerprint, "_triton_module", lambda: Broken)
+    monkeypatch.setattr(fingerprint, "_triton_state", {})
+    t = random_tensor((3, 7), torch.float16, seed=13)
+    with forced_backend(None):
+        assert fp_tensor(t) == reference_fp(t)
+    usable, why = fingerprint._triton_state["cpu"]
+    assert not usable and "PTX assembly aborted" in why
+    with forced_backend("triton"), pytest.raises(RuntimeError, match="PTX"):
+        fp_tensor(t)
+
+
+# The Triton kernel in Triton's interpreter: a process of its own, because triton decides
+# interpreter or compiler once, from TRITON_INTERPRET, when it is imported.
+TRITON_INTERPRETER_CHECK = r"""
+import itertools, math, sys
+import torch
+sys.path.insert(0, "tests")
+from test_fingerprint import odd_layouts, placed_reference, random_tensor
+from fsdpck import fingerprint, fingerprint_triton
+from fsdpck.fingerprint import fp_chunk, fp_tensor
+
+assert fingerprint_triton.interpreting()
+assert fingerprint.backend("cpu") == "triton", fingerprint.backend_detail("cpu")
+# Many launches per chunk, as a huge chunk has on a GPU; fewer tiles per program than on a
+# GPU (each costs the interpreter a pass, used or not), but still a loop.
+fingerprint_triton.MAX_PROGRAMS, fingerprint_triton.TILES = 1, 2
+checked = 0
+# Each itemsize, signed and unsigned (the kernel reads signed views and zero-extends them).
+for dtype in (torch.bool, torch.int8, torch.bfloat16, torch.float32, torch.uint64):
+    full = random_tensor((5, 300), dtype, seed=5)
+    cases = [
+        (full, (5, 300), (0, 0)),
+        (full[1:4, 7:290], (5, 300), (1, 7)),
+        (full[::2, ::3], (9, 400), (2, 50)),
+        (full.t().contiguous().t(), (5, 300), (0, 0)),
+        (full[2, 3], (), ()),
+    ]
+    for chunk, global_shape, offsets in cases:
+        got = fp_chunk(chunk, global_shape=global_shape, offsets=offsets)
+        assert got == placed_reference(chunk, global_shape, offsets), (dtype, chunk.shape, offsets)
+        checked += 1
+for name, chunk, global_shape, offsets in odd_layouts():
+    got = fp_chunk(chunk, global_shape=global_shape, offsets=offsets)
+    assert got == placed_reference(chunk, global_shape, offsets), name
+    checked += 1
+long = random_tensor((20000,), torch.float32, seed=6)  # 20 tiles: 10 launches
+assert fp_tensor(long) == fingerprint._fp_chunk_torch(long.view(torch.uint32), [20000], [20000], [0])
+print("triton interpreter OK", checked + 1)
+"""
+
+INTERPRETER_TEST = "test_triton_kernel_in_interpreter"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter_run(request):
+    """The interpreter subprocess, started when the module starts (like three_rank_run) where triton imports."""
+    selected = any(item.name == INTERPRETER_TEST for item in request.session.items)
+    if not selected or importlib.util.find_spec("triton") is None:
+        yield None
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1", FSDPCK_FP_BACKEND="triton", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRITON_INTERPRETER_CHECK],
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_triton_kernel_in_interpreter(triton_interpreter_run):
+    if triton_interpreter_run is None:
+        pytest.skip("triton is not installed (pip install triton==3.6.0 runs this test on the CPU)")
+    try:
+        output, _ = triton_interpreter_run.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        triton_interpreter_run.kill()
+        output, _ = triton_interpreter_run.communicate()
+        pytest.fail(f"interpreter run timed out after 240 s; output tail:\n{output[-4000:]}")
+    assert triton_interpreter_run.returncode == 0 and "triton interpreter OK" in output, output[-4000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_matches_torch_on_cuda():
+    pytest.importorskip("triton")
+    with forced_backend(None):
+        assert fingerprint.backend("cuda") == "triton", fingerprint.backend_detail("cuda")
+    for dtype in DTYPES:
+        full = random_tensor((21, 1029), dtype, seed=12)
+        on_gpu = full.cuda()
+        expected = reference_fp(full)
+        for path in ("triton", "torch"):
+            with forced_backend(path):
+                assert fp_tensor(on_gpu) == expected, (path, dtype)
+                assert fp_tensor(on_gpu.t().contiguous().t()) == expected, (path, dtype)
+                part = fp_chunk(on_gpu[10:, 3::2], global_shape=(21, 1029), offsets=(10, 3))
+                assert part == placed_reference(full[10:, 3::2], (21, 1029), (10, 3)), (path, dtype)
+    for name, chunk, global_shape, offsets in odd_layouts():
+        with forced_backend("triton"):
+            got = fp_chunk(chunk.cuda(), global_shape=global_shape, offsets=offsets)
+        assert got == placed_reference(chunk, global_shape, offsets), name
+    # More than one launch (64 Mi elements each) and every itemsize of a large chunk.
+    big = torch.randint(0, 256, ((1 << 26) + 4097,), dtype=torch.uint8, device="cuda")
+    for dtype in (torch.uint8, torch.bfloat16, torch.float32, torch.float64):
+        view = big[: big.numel() // 8 * 8].view(dtype)
+        chunk = view[5:]
+        with forced_backend("triton"):
+            fast = fp_chunk(chunk, global_shape=(view.numel() + 3,), offsets=(8,))
+        with forced_backend("torch"):
+            slow = fp_chunk(chunk, global_shape=(view.numel() + 3,), offsets=(8,))
+        assert fast == slow, dtype
 
 
 # --- distributed values, one process -----------------------------------------------------
