@@ -68,14 +68,10 @@ def state_entries(state: dict[str, Any], *, ctx) -> dict[str, Any]:
                 if t.numel() == 0:
                     continue
                 numel += t.numel()
-                x = t.detach()
-                if x.is_floating_point():
-                    finite = torch.isfinite(x)
-                    nonfinite += int((~finite).sum())
-                    x = x[finite] if nonfinite else x
-                if x.numel():
-                    total += float(x.sum(dtype=torch.float64))
-                    lo_, hi_ = float(x.min()), float(x.max())
+                bad, piece_sum, lo_, hi_ = _piece_stats(t.detach())
+                nonfinite += bad
+                total += piece_sum
+                if lo_ is not None:
                     hi, neg_lo, amax = max(hi, hi_), max(neg_lo, -lo_), max(amax, abs(lo_), abs(hi_))
         fps.append(fp)
         sums.append([numel, total, nonfinite])
@@ -108,6 +104,37 @@ def state_entries(state: dict[str, Any], *, ctx) -> dict[str, Any]:
         if infos[k].sharding == "object":
             entries[k] = ManifestEntry(kind=KIND_OBJECT, canonical=canonical(infos[k].obj))
     return dict(sorted(entries.items()))
+
+
+_SUM_PIECE = 1 << 20  # elements widened to float64 at a time for a tensor's sum (8 MiB)
+
+
+def _piece_stats(x) -> tuple[int, float, float | None, float | None]:
+    """(non-finite elements, sum, min, max) of a non-empty tensor, over its finite elements.
+
+    Min and max come from one aminmax pass; NaN and inf propagate into them, so when both are
+    finite every element is and the isfinite mask is never built. That mask and
+    ``x.sum(dtype=torch.float64)`` each run at about 0.3 GB/s on one CPU thread (torch 2.13),
+    ten times slower than the fingerprint; widening bounded pieces runs at about 3 GB/s.
+    """
+    import torch
+
+    nonfinite = 0
+    if x.is_floating_point():
+        lo, hi = torch.aminmax(x)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            finite = torch.isfinite(x)
+            nonfinite = int(x.numel() - int(finite.sum()))
+            x = x[finite]
+            if x.numel() == 0:
+                return nonfinite, 0.0, None, None
+            lo, hi = torch.aminmax(x)
+    else:
+        lo, hi = x.min(), x.max()
+    acc = torch.zeros((), dtype=torch.float64, device=x.device)
+    for piece in x.reshape(-1).split(_SUM_PIECE):
+        acc += piece.to(torch.float64).sum()
+    return nonfinite, float(acc), float(lo), float(hi)
 
 
 def make_manifest(entries: dict[str, Any], *, ctx, flow: Flow, dims: ModelDims, width: int, seed: int):

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The benchmark in one command: scripts/bench.py under torchrun, NPROC ranks (default: one per
+# GPU, or 2 on a machine without one), OMP threads split evenly over the ranks unless set.
+# Extra arguments go to scripts/bench.py, e.g.
+#   bash scripts/bench.sh --size 1GB --reps 3 --json bench.json
+#   NPROC=2 bash scripts/bench.sh --size 8GB --dir /scratch --json bench-8g.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+NPROC=${NPROC:-$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")}
+# torchrun would set 1 thread per rank; a GPU host's spare cores make the CPU-side model build faster.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+export PYTHONUNBUFFERED=1
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" scripts/bench.py "$@"
