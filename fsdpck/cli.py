@@ -9,6 +9,7 @@ the traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import traceback
@@ -17,6 +18,7 @@ import click
 
 from fsdpck import __version__
 from fsdpck.errors import EXIT_RUNTIME, EXIT_USAGE, FsdpckError
+from fsdpck.output import check_json_target
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -109,8 +111,14 @@ def forwarded_args(ctx: click.Context, *, exclude: set[str]) -> list[str]:
 
 
 def _positive_float(ctx, param, value):
-    if value is not None and value < 0:
+    if value is not None and not value >= 0:  # NaN too: it compares false with everything
         raise click.BadParameter("must be zero or more", ctx=ctx, param=param)
+    return value
+
+
+def _not_nan(ctx, param, value):
+    if value is not None and math.isnan(value):  # click's FloatRange lets NaN through
+        raise click.BadParameter("must be a number of seconds", ctx=ctx, param=param)
     return value
 
 
@@ -138,9 +146,9 @@ def run_options(schema: str):
         for option in reversed([
             click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                          help="auto: cuda:LOCAL_RANK with NCCL where GPUs are present, else CPU with gloo."),
-            click.option("--timeout", type=click.FloatRange(1, 86_400), default=300.0, show_default=True,
+            click.option("--timeout", type=click.FloatRange(1, 86_400), default=300.0, show_default=True, callback=_not_nan,
                          help="Seconds any collective may wait before the run fails (exit 3) instead of hanging."),
-            click.option("--json", "json_target", metavar="PATH|-", default=None,
+            click.option("--json", "json_target", metavar="PATH|-", default=None, callback=check_json_target,
                          help=f"Write the {schema} JSON document there (- for stdout; the report then goes to stderr)."),
             click.option("-v", "--verbose", is_flag=True, help="Show PyTorch's warnings (hidden and counted by default)."),
             click.option("-n", "--nproc-per-node", "nproc", type=click.IntRange(1, 1024), default=None,
@@ -246,6 +254,8 @@ def verify(checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype
       fsdpck verify --json report.json     # same facts for scripts (schema fsdpck.verify/1)
     """
     _check_width_or_size(width, size)
+    if self_test and not (math.isfinite(atol) and math.isfinite(rtol)):
+        raise click.UsageError("--self-test with an infinite --atol/--rtol could not fail: nothing would be proven")
     if nproc is not None:
         launch_workers(nproc)
     from fsdpck import report

@@ -13,7 +13,7 @@ import os
 import click
 
 from fsdpck.errors import UsageError
-from fsdpck.output import make_console, write_json
+from fsdpck.output import check_json_target, make_console, write_json
 
 _CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -21,14 +21,7 @@ _JSON_HELP = "Also write the result as a JSON document to PATH ('-': stdout; the
 _KEY_HELP = "Only keys matching this shell-style pattern (e.g. 'optim.state.*.exp_avg')."
 
 
-def _json_target(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--json PATH: '-' or a file path that is not a directory, checked before any work is done."""
-    if value is None or value == "-":
-        return value
-    if not value or os.path.isdir(value):
-        raise click.BadParameter(f"{value!r} is {'empty' if not value else 'a directory'}: give a file path or '-'",
-                                 ctx=ctx, param=param)
-    return value
+_json_target = check_json_target  # shared with the commands that run on ranks
 
 
 def _emit(document: dict, json_path: str | None, renderable, verdict: str) -> None:

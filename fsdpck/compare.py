@@ -317,8 +317,11 @@ def _fingerprint_parts(info: _Local | None) -> list[int]:
     return [total]
 
 
-def flip_one_bit(view: dict[str, Any], *, ctx) -> dict[str, Any]:
-    """--self-test: flip the lowest bit of one element of one sharded state on the last rank.
+def flip_one_bit(view: dict[str, Any], *, ctx, bit: int | None = None) -> dict[str, Any]:
+    """--self-test: flip one bit of one element of one sharded state on the last rank.
+
+    The lowest mantissa bit by default (the smallest change bitwise equality must catch); with
+    a tolerance, ``bit`` picks a bit whose flip exceeds it (the exponent's highest).
 
     Returns which row and rank were touched (the same on every rank) so the report can
     show that exactly that row was caught.
@@ -337,8 +340,9 @@ def flip_one_bit(view: dict[str, Any], *, ctx) -> dict[str, Any]:
                 flat = _bits(pieces[0]).reshape(-1)
                 if flat.data_ptr() != _bits(pieces[0]).data_ptr() or not pieces[0].is_contiguous():
                     continue  # a reshape that copied would flip a copy, not the state
-                flat[0] ^= 1
-                choice = [{"rank": ctx.rank, "fqn": key[0], "state": key[1]}]
+                b = 0 if bit is None else min(bit, pieces[0].element_size() * 8 - 2)
+                flat[0] ^= (1 << b) if b < 63 else -(1 << 63)
+                choice = [{"rank": ctx.rank, "fqn": key[0], "state": key[1], "bit": b}]
                 break
     if ctx.world_size > 1:
         dist.broadcast_object_list(choice, src=target)

@@ -56,3 +56,15 @@ def write_json(target: str, document: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_json_target(ctx, param, value: str | None) -> str | None:
+    """click callback for --json PATH: '-' or a file path that is not a directory, checked before any work."""
+    import click
+
+    if value is None or value == "-":
+        return value
+    if not value or os.path.isdir(value):
+        raise click.BadParameter(f"{value!r} is {'empty' if not value else 'a directory'}: give a file path or '-'",
+                                 ctx=ctx, param=param)
+    return value

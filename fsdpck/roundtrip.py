@@ -211,7 +211,7 @@ def run_flow(flow: Flow, path: Path, *, ctx, opts: VerifyOptions, dims: ModelDim
             dist.barrier()
     with tracker.phase("compare"):
         if opts.self_test:
-            result.self_test = flip_one_bit(after, ctx=ctx)
+            result.self_test = flip_one_bit(after, ctx=ctx, bit=None if opts.tolerance.bitwise else 62)
         result.rows = compare_views(before, after, ctx=ctx, tol=opts.tolerance)
     with tracker.phase("fingerprint"):
         attach_fingerprints(result.rows, before, after, ctx=ctx)
@@ -276,7 +276,12 @@ def run_verify(opts: VerifyOptions, *, ctx) -> VerifyResult:
             except CheckpointException as e:
                 # DCP raises this on every rank together, so the ranks stay in step and the
                 # other flows can still run; anything else ends the run (see cli).
-                out.results.append(FlowResult(flow=flow, path=str(sub), error=f"{current_phase()}: {describe_checkpoint_exception(e)}"))
+                out.results.append(FlowResult(flow=flow, path=str(sub),
+                                              error=f"{current_phase()}: {describe_checkpoint_exception(e, path=sub)}"))
+    except OSError as e:
+        if e.filename is None:  # a failed write() or close() names no file: name the dir being written
+            e.filename = str(wd.root)
+        raise
     finally:
         # A failed check keeps its checkpoint for inspection; a verified one is cleaned up unless --keep.
         failed = sys.exc_info()[0] is not None or any(r.exit_code for r in out.results)
@@ -286,7 +291,7 @@ def run_verify(opts: VerifyOptions, *, ctx) -> VerifyResult:
     return out
 
 
-def describe_checkpoint_exception(e: Exception) -> str:
+def describe_checkpoint_exception(e: Exception, *, path: Path | None = None) -> str:
     """DCP's CheckpointException lists the failing ranks: name them and their causes."""
     failures = getattr(e, "failures", None)
     if not failures:
@@ -295,4 +300,25 @@ def describe_checkpoint_exception(e: Exception) -> str:
     for rank, err in sorted(failures.items()):
         cause = err[0] if isinstance(err, tuple) else err
         parts.append(f"rank {rank}: {type(cause).__name__}: {cause}")
-    return f"DCP reported failures on rank(s) {', '.join(str(r) for r in sorted(failures))} — " + "; ".join(parts)
+    text = f"DCP reported failures on rank(s) {', '.join(str(r) for r in sorted(failures))} — " + "; ".join(parts)
+    if path is not None and _out_of_space(failures, path):
+        text = f"no space left on device writing {path}; " + text
+    return text
+
+
+def _out_of_space(failures: dict, path: Path) -> bool:
+    """Did a DCP write fail for want of space? torch.save's zip writer reports the short write of a
+    full disk as 'unexpected pos N vs M'; then the file system holding ``path`` is (nearly) full."""
+    import errno
+    import shutil
+
+    for err in failures.values():
+        cause = err[0] if isinstance(err, tuple) else err
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return True
+        if "unexpected pos" in str(cause):
+            try:
+                return shutil.disk_usage(path).free < (1 << 20)
+            except OSError:
+                return False
+    return False

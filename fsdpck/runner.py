@@ -117,8 +117,11 @@ def run_distributed(
             for w in wl:
                 err.print(f"  {w['count']:>5} × {w['category']}: {w['message']}", markup=False)
         if json_target:
-            write_json(json_target, document(result_, code=code_, error=error_, warnings=wl, ctx=ctx,
-                                             elapsed=time.perf_counter() - started))
+            try:
+                write_json(json_target, document(result_, code=code_, error=error_, warnings=wl, ctx=ctx,
+                                                 elapsed=time.perf_counter() - started))
+            except OSError as e:  # the report and the verdict still come; say why the JSON did not
+                err.print(f"fsdpck: error: --json {json_target}: cannot write: {e.strerror or e}", markup=False)
         out.print(verdict(result_, code=code_, error=error_), markup=False, highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
