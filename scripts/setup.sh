@@ -21,6 +21,8 @@ import click, hypothesis, pytest, rich  # noqa: F401
 import fsdpck
 sys.exit(pathlib.Path(fsdpck.__file__).resolve().parent.parent != pathlib.Path(sys.argv[1]))
 PY
-) >/dev/null 2>&1 || ! command -v fsdpck >/dev/null 2>&1; then
+) >/dev/null 2>&1; then
     "$PY" -m pip install -q -e ".[test]"
+    # pyenv puts new console scripts on PATH only through its shims, made by a rehash.
+    if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 fi

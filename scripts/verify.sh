@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec fsdpck verify -n "${NPROC:-2}" "$@"
+exec "${PYTHON:-python3}" -m fsdpck verify -n "${NPROC:-2}" "$@"

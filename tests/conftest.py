@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -33,8 +35,19 @@ class Run:
         return lines[-1] if lines else ""
 
 
+SCRIPTS_DIR = sysconfig.get_path("scripts")  # where pip put the `fsdpck` console script
+
+
+def console_script() -> str | None:
+    """The installed `fsdpck` command, found where this Python installs scripts (or on PATH)."""
+    candidate = Path(SCRIPTS_DIR) / "fsdpck"
+    return str(candidate) if candidate.exists() else shutil.which("fsdpck")
+
+
 def worker_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    # The console script lives beside this Python; a shim manager (pyenv) may not have linked it yet.
+    env["PATH"] = SCRIPTS_DIR + os.pathsep + env.get("PATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env["COLUMNS"] = "160"
     env.update(extra)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, fsdpck, load_json, run, torchrun
+from conftest import REPO, console_script, fsdpck, load_json, run, torchrun
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
@@ -56,7 +56,7 @@ def test_torchrun_from_repo_root_runs_the_package_dir(tmp_path: Path):
     assert r.last_line().startswith("fsdpck verify: VERIFIED"), r.tail()
 
 
-@pytest.mark.skipif(shutil.which("fsdpck") is None, reason="console script not installed (pip install -e .)")
+@pytest.mark.skipif(console_script() is None, reason="console script not installed (pip install -e .)")
 def test_torchrun_no_python_console_script_and_its_summary(tmp_path: Path):
     # A difference under torchrun: exit 1 by torchrun's rule, and its failure summary shows
     # fsdpck's verdict (the error record each rank leaves) instead of `error_file: <N/A>`.
@@ -67,9 +67,9 @@ def test_torchrun_no_python_console_script_and_its_summary(tmp_path: Path):
     assert "DIFFERENCE (exit 1)" in r.err, r.tail()
 
 
-@pytest.mark.skipif(shutil.which("fsdpck") is None, reason="console script not installed (pip install -e .)")
+@pytest.mark.skipif(console_script() is None, reason="console script not installed (pip install -e .)")
 def test_plain_console_script_is_world_of_one(tmp_path: Path):
-    r = run(["fsdpck", "verify", "--planner", "none"], cwd=tmp_path)
+    r = run([console_script(), "verify", "--planner", "none"], cwd=tmp_path)
     assert r.code == 0, r.tail()
     assert "world size 1" in r.last_line()
 
