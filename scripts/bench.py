@@ -1051,7 +1051,7 @@ def render(doc: dict[str, Any]):
     verdict += f"; targets missed: {', '.join(missed)}" if missed else "; every target met"
     if doc["stopped_early"]:
         notes += f"\n{doc['stopped_early']}."
-    return Group(head, "", phases, "", ratios, fp_line, "", memory, "", notes, verdict)
+    return Group(head, "", phases, "", ratios, fp_line, "", memory, "", notes), verdict
 
 
 def markdown(docs: list[dict[str, Any]]) -> str:
@@ -1145,7 +1145,9 @@ def main(argv: list[str] | None = None) -> int:
             for (category, message), n in seen.items():
                 err.print(f"{category} ×{n}: {message}", markup=False)
         out = make_console(stderr=args.json == "-")
-        out.print(render(doc), markup=False)
+        report, verdict = render(doc)
+        out.print(report, markup=False)
+        out.print(verdict, markup=False, highlight=False, soft_wrap=True)  # one greppable line, never wrapped
         if args.json:
             write_json(args.json, doc)
     sys.stdout.flush()
