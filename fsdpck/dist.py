@@ -62,10 +62,6 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def print0(*args: Any, **kwargs: Any) -> None:
-    """print() on rank 0 only; reads RANK from the environment so it works before the process group exists."""
-    if env_rank() == 0:
-        print(*args, **kwargs)
 
 
 def launched_by_torchrun() -> bool:
@@ -133,8 +129,6 @@ def setup(*, device: str = "auto", timeout_s: float = 300.0) -> DistContext:
     return ctx
 
 
-def current() -> DistContext | None:
-    return _state["ctx"]
 
 
 def mark_exiting() -> None:
@@ -185,17 +179,6 @@ def record_failure(ctx: DistContext, *, phase: str, message: str, code: int = EX
         return payload
 
 
-def first_failure() -> dict[str, Any] | None:
-    """The first failure any rank recorded, or None."""
-    store = _store()
-    if store is None:
-        return None
-    try:
-        if store.add(_FAILED_COUNT_KEY, 0) == 0:
-            return None
-        return json.loads(store.get(_FIRST_FAILURE_KEY))
-    except Exception:
-        return None
 
 
 _phase_seq = [0]

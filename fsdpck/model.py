@@ -24,8 +24,6 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "rmsprop": {"lr": 0.01, "alpha": 0.99},
 }
 
-DTYPES = ("float32", "bfloat16")
-
 # Tensors of optimizer state per parameter, each the parameter's shape (scalars not counted).
 STATE_TENSORS = {"adam": 2, "adamw": 2, "sgd": 1, "adagrad": 1, "rmsprop": 1}
 _ITEMSIZE = {"float32": 4, "bfloat16": 2}

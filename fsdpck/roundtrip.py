@@ -20,9 +20,6 @@ from fsdpck.compare import Row, Tolerance, attach_fingerprints, compare_views, f
 from fsdpck.flows import Flow, WriterOptions
 from fsdpck.model import ModelDims
 
-PHASE_NAMES = ("step", "state-dict", "save", "setup", "load", "compare", "fingerprint")
-
-
 class PhaseTracker:
     """Times phases, remembers which one is running (for error messages) and tells the progress reporter."""
 
