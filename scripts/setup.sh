@@ -1,28 +1,57 @@
 #!/usr/bin/env bash
-# Install fsdpck and what it needs into the current Python, without ever pulling a CUDA build:
-# where no torch is importable, the CPU build of torch 2.13.0 is installed first (pinned), and
-# this checkout is then installed in editable mode with its test extra (torch is already there,
-# so pip sees the floor satisfied and installs nothing more of it).
+# Set-up for this checkout: a project-local virtual environment with fsdpck, what it needs to run
+# and its test tools. scripts/verify.sh and scripts/test.sh run it first; a repeat is a no-op until
+# pyproject.toml (or the choice below) changes.
+#
+#   bash scripts/setup.sh                      # .venv from python3, with the CPU build torch==2.13.0
+#   PYTHON=/opt/torch/bin/python3 bash scripts/setup.sh
+#                                              # a Python that already has torch (a GPU node): .venv
+#                                              # sees its packages and nothing is installed into it
+#
+# Environment: PYTHON (the base interpreter; default python3), FSDPCK_VENV (where the environment
+# lives; default .venv in the checkout), FSDPCK_TORCH (the torch to install where the base Python
+# has none; default torch==2.13.0, pinned so that pip never resolves a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$(pwd -P)
-PY=${PYTHON:-python3}
-TORCH_PIN=${FSDPCK_TORCH_PIN:-torch==2.13.0}
+VENV=${FSDPCK_VENV:-.venv}
+BASE=${PYTHON:-python3}
+TORCH_SPEC=${FSDPCK_TORCH:-torch==2.13.0}
 
-if ! (cd / && "$PY" -c "import torch") >/dev/null 2>&1; then
-    echo "setup: no importable torch; installing $TORCH_PIN (CPU build)" >&2
-    "$PY" -m pip install -q "$TORCH_PIN"
+if ! command -v "$BASE" >/dev/null 2>&1; then
+    echo "setup: no Python found as '$BASE' (set PYTHON=/path/to/python3)" >&2
+    exit 2
 fi
-# Installed, with its test tools, and installed from *this* checkout (checked from outside it,
-# so that the checkout's own fsdpck/ directory cannot answer for an install elsewhere)?
-if ! (cd / && "$PY" - "$REPO" <<'PY'
-import pathlib, sys
-import click, hypothesis, pytest, rich  # noqa: F401
-import fsdpck
-sys.exit(pathlib.Path(fsdpck.__file__).resolve().parent.parent != pathlib.Path(sys.argv[1]))
-PY
-) >/dev/null 2>&1; then
-    "$PY" -m pip install -q -e ".[test]"
-    # pyenv puts new console scripts on PATH only through its shims, made by a rehash.
-    if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+# The environment is rebuilt when what it was built from changes: the project's dependencies,
+# the base Python, the torch asked for, or where this checkout is (the install is editable).
+want="$(cksum pyproject.toml | cut -d' ' -f1) $(command -v "$BASE") ${PYTHON:+system-torch} $TORCH_SPEC $(pwd -P)"
+stamp="$VENV/.fsdpck-setup"
+if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
 fi
+
+if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ] && [ -n "$(ls -A "$VENV" 2>/dev/null)" ]; then
+    echo "setup: $VENV exists and is not a virtual environment; it is left alone (set FSDPCK_VENV)" >&2
+    exit 2
+fi
+rm -rf "$VENV"
+if [ -n "${PYTHON:-}" ]; then
+    # A Python that brings its own torch (and CUDA): use it, install nothing into it.
+    if ! (cd / && "$BASE" -c "import torch") >/dev/null 2>&1; then
+        echo "setup: PYTHON=$PYTHON cannot import torch; unset PYTHON to get the CPU build in $VENV" >&2
+        exit 2
+    fi
+    echo "setup: $VENV from $PYTHON (its torch is used)" >&2
+    "$BASE" -m venv --system-site-packages "$VENV" || {
+        echo "setup: '$BASE -m venv' failed: install the venv module (Debian: apt install python3-venv)" >&2
+        exit 2
+    }
+else
+    echo "setup: $VENV from $(command -v "$BASE") with $TORCH_SPEC" >&2
+    "$BASE" -m venv "$VENV" || {
+        echo "setup: '$BASE -m venv' failed: install the venv module (Debian: apt install python3-venv)" >&2
+        exit 2
+    }
+    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+fi
+"$VENV/bin/python" -m pip install -q -e ".[test]"
+echo "$want" > "$stamp"

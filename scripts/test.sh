@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite: set up if needed, then pytest. Extra arguments go to pytest.
+# The test suite: set-up if needed (scripts/setup.sh), then pytest in that environment.
+# Extra arguments go to pytest:  bash scripts/test.sh tests/unit -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 -m pytest -q "$@"
+exec "${FSDPCK_VENV:-.venv}/bin/python" -m pytest -q "$@"
