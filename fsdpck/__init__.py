@@ -4,4 +4,4 @@ Importing the package has no side effects and does not import torch, so that
 ``fsdpck --help`` is fast and process-based async checkpointers can spawn it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,0 +1,222 @@
+"""A restricted unpickler for DCP's ``.metadata``: it builds DCP's metadata and nothing else.
+
+``.metadata`` is a pickle, and DCP's own ``FileSystemReader.read_metadata`` runs
+``pickle.load`` on it: a crafted checkpoint dir runs code on whoever opens it. Here every
+global the pickle names goes through :meth:`RestrictedUnpickler.find_class`, which admits
+only the classes DCP metadata is made of (:data:`ADMITTED`) and refuses anything else,
+naming it, before it could be called. The list was taken from ``pickletools`` dumps of
+``.metadata`` files that torch 2.11 and 2.13 wrote for plain tensors of many dtypes, nested
+dicts, byte objects, 0-dim and empty tensors, FSDP1 ShardedTensor and FSDP2 DTensor state.
+
+What an admitted name resolves to can only make fresh objects; it cannot be changed:
+
+- DCP's dataclasses resolve to sealed stand-in classes whose ``__new__`` returns a fresh
+  instance of the real class (so DCP's own ``isinstance`` and ``==`` checks hold) and whose
+  class attributes cannot be set: a ``BUILD`` aimed at the class itself fails.
+- Paths, the layout lookup and the memory-format enum resolve to sealed constructor
+  objects (no ``__dict__``, no attribute can be set) that return fresh values.
+- ``torch.Size``, ``OrderedDict``, dtypes, layouts and memory formats are built-in objects
+  whose attributes cannot be set.
+
+So a pickle can set attributes only on instances it created itself, and no global state
+changes. The unpickler reads from a stream whose reads are clamped to the bytes the file
+really has left: a length field claiming more is an error, never an allocation.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import pickle
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Any, BinaryIO, Callable
+
+from fsdpck.errors import CheckpointFormatError
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_DCP_FILESYSTEM = "torch.distributed.checkpoint.filesystem"
+
+# (module, name) of every global a DCP .metadata pickle may name, and what it stands for.
+ADMITTED: dict[tuple[str, str], str] = {
+    (_DCP_METADATA, "Metadata"): "dcp class",
+    (_DCP_METADATA, "TensorStorageMetadata"): "dcp class",
+    (_DCP_METADATA, "BytesStorageMetadata"): "dcp class",
+    (_DCP_METADATA, "ChunkStorageMetadata"): "dcp class",
+    (_DCP_METADATA, "TensorProperties"): "dcp class",
+    (_DCP_METADATA, "MetadataIndex"): "dcp class",
+    (_DCP_METADATA, "StorageMeta"): "dcp class",
+    (_DCP_FILESYSTEM, "_StorageInfo"): "dcp class",
+    (_DCP_METADATA, "_MEM_FORMAT_ENCODING"): "memory format enum",
+    ("torch", "Size"): "torch.Size",
+    ("collections", "OrderedDict"): "OrderedDict",
+    ("torch.serialization", "_get_layout"): "layout by name",
+    ("pathlib", "PosixPath"): "posix path",
+    ("pathlib", "PurePosixPath"): "posix path",
+    ("pathlib", "WindowsPath"): "windows path",
+    ("pathlib", "PureWindowsPath"): "windows path",
+    # Python 3.13 moved the concrete path classes into pathlib._local.
+    ("pathlib._local", "PosixPath"): "posix path",
+    ("pathlib._local", "PurePosixPath"): "posix path",
+    ("pathlib._local", "WindowsPath"): "windows path",
+    ("pathlib._local", "PureWindowsPath"): "windows path",
+}
+# Besides those: torch.<dtype>, torch.<layout> and torch.<memory_format>, by name.
+ADMITTED_TORCH_OBJECTS = "torch.<dtype>, torch.<layout>, torch.<memory_format> (e.g. torch.float32, torch.strided)"
+
+
+class _Sealed(type):
+    """Metaclass of the stand-in classes: no attribute of the class can be set or deleted."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError(f"refused to set {name!r} on the class {cls.__name__}")
+
+    def __delattr__(cls, name: str) -> None:
+        raise pickle.UnpicklingError(f"refused to delete {name!r} from the class {cls.__name__}")
+
+
+class _Constructor:
+    """A sealed callable that makes fresh values (paths, layouts, enum members)."""
+
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, fn: Callable[..., Any], name: str):
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError(f"refused to set {name!r} on {self._name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise pickle.UnpicklingError(f"refused to delete {name!r} from {self._name}")
+
+    def __reduce__(self):  # never pickled anywhere
+        raise TypeError(f"{self._name} stand-in is not picklable")
+
+
+def _stand_in(real: type) -> type:
+    """A sealed subclass of ``real`` whose instances are fresh instances of ``real`` itself."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:  # called as a constructor (REDUCE): the real class, properly initialised
+            return real(*args, **kwargs)
+        return object.__new__(real)  # NEWOBJ: an empty instance that BUILD then fills in
+
+    return _Sealed(real.__name__, (real,), {"__new__": __new__, "__slots__": (), "__module__": __name__})
+
+
+def _layout_from_name(name: Any) -> Any:
+    """``torch.serialization._get_layout``: only a known layout's name, nothing else."""
+    import torch
+
+    if isinstance(name, str) and name.startswith("torch."):
+        value = getattr(torch, name[len("torch."):], None)
+        if isinstance(value, torch.layout):
+            return value
+    raise pickle.UnpicklingError(f"{name!r} is not the name of a torch.layout")
+
+
+def _memory_format_encoding(value: Any) -> Any:
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    return _MEM_FORMAT_ENCODING(value)
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(module: str, name: str) -> Any:
+    """What a .metadata pickle gets for the global ``module.name``, or None when it is not admitted."""
+    import torch
+
+    origin = ADMITTED.get((module, name))
+    if origin == "dcp class":
+        import torch.distributed.checkpoint.filesystem as dcp_fs
+        import torch.distributed.checkpoint.metadata as dcp_md
+
+        return _stand_in(getattr(dcp_md if module == _DCP_METADATA else dcp_fs, name))
+    if origin == "memory format enum":
+        return _Constructor(_memory_format_encoding, f"{module}.{name}")
+    if origin == "torch.Size":
+        return torch.Size
+    if origin == "OrderedDict":
+        from collections import OrderedDict
+
+        return OrderedDict
+    if origin == "layout by name":
+        return _Constructor(_layout_from_name, f"{module}.{name}")
+    if origin == "posix path":
+        return _Constructor(PurePosixPath, f"{module}.{name}")
+    if origin == "windows path":
+        return _Constructor(PureWindowsPath, f"{module}.{name}")
+    if module == "torch" and "." not in name:
+        value = getattr(torch, name, None)
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            return value
+    return None
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Admits only the classes DCP metadata is made of; anything else is refused by name, uncalled."""
+
+    def __init__(self, file: BinaryIO, *, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = resolve(module, name)
+        if obj is None:
+            raise CheckpointFormatError(
+                f"{self.source}: refused to unpickle {module}.{name}: it is not one of the classes DCP "
+                "metadata is made of (a crafted or foreign file; nothing in it was executed)"
+            )
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointFormatError(f"{self.source}: refused a persistent id in the metadata pickle")
+
+
+class ClampedReader(io.RawIOBase):
+    """A read-only stream that never hands out (or allocates for) more than ``size`` bytes in all."""
+
+    def __init__(self, raw: BinaryIO, size: int):
+        self._raw = raw
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)[: self._left]
+        n = self._raw.readinto(view) if view.nbytes else 0
+        self._left -= n or 0
+        return n or 0
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._raw.read(size) if size else b""
+        self._left -= len(data)
+        return data
+
+
+def load_metadata(stream: BinaryIO, *, size: int, source: str) -> Any:
+    """The DCP ``Metadata`` in a ``.metadata`` stream of ``size`` bytes, unpickled safely.
+
+    Raises CheckpointFormatError for anything that is not a readable DCP metadata pickle.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if size <= 0:
+        raise CheckpointFormatError(f"{source}: empty file (0 bytes): not DCP metadata")
+    try:
+        obj = RestrictedUnpickler(io.BufferedReader(ClampedReader(stream, size)), source=source).load()
+    except CheckpointFormatError:
+        raise
+    except RecursionError:
+        raise CheckpointFormatError(f"{source}: not DCP metadata: the pickle nests too deeply") from None
+    except Exception as e:  # a hostile or damaged pickle can fail in any way; none is a crash of fsdpck
+        text = str(e).splitlines()[0][:300] if str(e) else ""
+        raise CheckpointFormatError(f"{source}: not a readable DCP metadata pickle: {type(e).__name__}: {text}") from None
+    if not isinstance(obj, Metadata):
+        raise CheckpointFormatError(f"{source}: holds a {type(obj).__name__}, not DCP Metadata")
+    return obj

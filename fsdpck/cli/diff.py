@@ -1,0 +1,46 @@
+"""``fsdpck diff``: options, and the hand-off to ``fsdpck.commands.diff``."""
+
+from __future__ import annotations
+
+import click
+
+from fsdpck.cli import options as opt
+from fsdpck.cli.inspect import KEY_HELP
+from fsdpck.report import diff as report
+
+
+@click.command("diff", context_settings=opt.CONTEXT_SETTINGS)
+@click.argument("dir_a", metavar="A")
+@click.argument("dir_b", metavar="B")
+@click.option("--values", is_flag=True, help="For tensors whose data differ: how many elements, the first differing "
+                                             "index, max |Δ| and max relative |Δ| (reads A and B of one key at a time).")
+@click.option("--key", "key_glob", metavar="GLOB", help=KEY_HELP)
+@opt.json_option("fsdpck.diff/1")
+@click.pass_context
+def diff_command(ctx: click.Context, dir_a: str, dir_b: str, values: bool, key_glob: str | None,
+                 json_target: str | None) -> None:
+    """Compare two DCP checkpoints key by key: keys, shapes, dtypes and data.
+
+    Data are compared by the sharding-invariant fingerprint, so A and B may have been saved
+    at different world sizes and layouts. Exit 0 identical, 1 any difference or integrity
+    problem, 2 a bad path or option.
+
+    \b
+    Examples:
+      fsdpck diff ./ck-4 ./ck-2                           # two runs (exit 1)
+      fsdpck diff ./ck-4 ./ck-4 --values --key 'optim.state.*'
+      fsdpck diff ./ck-4 ./ck-2 --json diff.json          # the same for scripts (exit 1)
+    """
+    from fsdpck.commands import location
+
+    location.check(dir_a, what="A")  # before torch is imported: a typo fails in a moment
+    location.check(dir_b, what="B")
+    from fsdpck.commands.diff import diff_checkpoints
+
+    result = diff_checkpoints(dir_a, dir_b, key_glob=key_glob, values=values)
+    opt.emit(report.document(result, code=result.exit_code), json_target, report.render(result),
+             report.verdict(result))
+    ctx.exit(result.exit_code)
+
+
+COMMANDS = [diff_command]
