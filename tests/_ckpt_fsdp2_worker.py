@@ -1,4 +1,4 @@
-"""A torchrun worker for the checkpoint-dir tests: FSDP2 model + optimizer state saved with dcp.save.
+"""A torchrun worker for tests/integration/test_offline_real.py: FSDP2 model + optimizer state saved with dcp.save.
 
 Run on 3 ranks (gloo, CPU)::
 

@@ -13,6 +13,15 @@ be modified; a test that injects a fault copies one first (:func:`copy_ckpt`).
 * :func:`fsdpck_save_ckpt`: ``python -m fsdpck save`` output with fsdpck's own manifest.
 * :func:`synthetic_ckpt`: N keys in DCP's own metadata classes, built without N torch.save
   calls (for the 10,000-key test).
+
+Faults and hostile input: :func:`flip_byte_in_tensor` (one bit of a tensor's stored data),
+:func:`replace_byte_item` (another value for a byte item, e.g. an lr), :func:`rewrite_metadata`
+(edit ``.metadata`` in DCP's classes), :func:`payloads` (crafted ``.metadata`` pickles that leave
+a marker file if anything runs them), :class:`Recorder` (the globals a trusted pickle names)
+and :func:`load_metadata_file` (a file through fsdpck's restricted unpickler).
+
+Used by tests/unit/ (no process group: plain_ckpt, torch_save_ckpt, synthetic_ckpt) and
+tests/integration/ (fsdp2_ckpts, fsdpck_save_ckpt).
 """
 
 from __future__ import annotations
@@ -96,8 +105,9 @@ def manifest_for(state: dict[str, Any], *, world_size: int = 1):
     """An fsdpck.json Manifest of ``state`` (fingerprints of the in-memory values)."""
     import torch
 
+    from fsdpck.checkpoint.manifest import Manifest, ManifestEntry, TensorStats
     from fsdpck.fingerprint import fp_tensor, to_hex
-    from fsdpck.manifest import Manifest, ManifestEntry, TensorStats
+    from fsdpck.state.canonical import canonical
 
     keys = {}
     for key, value in flat_state(state).items():
@@ -111,7 +121,7 @@ def manifest_for(state: dict[str, Any], *, world_size: int = 1):
             keys[key] = ManifestEntry(kind="tensor", shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."),
                                       fingerprint=to_hex(fp_tensor(t)), stats=stats)
         else:
-            keys[key] = ManifestEntry(kind="object", canonical=repr(value))
+            keys[key] = ManifestEntry(kind="object", canonical=canonical(value))
     return Manifest(torch_version=torch.__version__, world_size=world_size,
                     flow={"fsdp": 0, "api": "plain", "optimizer": "adam", "dtype": "float32", "steps": 1, "save_mode": "sync"},
                     model={"dims": [4, 3], "width": 1, "seed": 0}, keys=keys)
@@ -120,10 +130,11 @@ def manifest_for(state: dict[str, Any], *, world_size: int = 1):
 @functools.cache
 def plain_ckpt() -> Path:
     """A pristine plain checkpoint with its fsdpck.json manifest."""
-    from fsdpck.manifest import write_manifest
+    from fsdpck.checkpoint.manifest import write_manifest
+    from fsdpck.checkpoint.storage import LocalStorage
 
     path = dcp_save(plain_state(), cache_dir() / "plain")
-    write_manifest(path, manifest_for(plain_state()))
+    write_manifest(LocalStorage(path), manifest_for(plain_state()))
     return path
 
 
@@ -242,6 +253,25 @@ def flip_byte_in_tensor(path: Path, key: str, value: Any) -> str:
     return name
 
 
+def replace_byte_item(path: Path, key: str, value: Any) -> str:
+    """Overwrite the byte item ``key`` in its shard file with ``torch.save(value)``; returns the file name.
+
+    The new archive must have the stored item's exact length (a float for a float, say), so
+    that ``.metadata`` stays right and only the value changes: what a flipped lr looks like.
+    """
+    import torch
+
+    name, offset, length = storage_info(path, key)
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    blob = buf.getvalue()
+    assert len(blob) == length, f"torch.save({value!r}) is {len(blob)} bytes, the stored {key} is {length}"
+    data = bytearray((path / name).read_bytes())
+    data[offset : offset + length] = blob
+    (path / name).write_bytes(bytes(data))
+    return name
+
+
 def rewrite_metadata(path: Path, edit) -> None:
     """Load .metadata with the plain unpickler (the tests wrote it), let ``edit`` change it, write it back."""
     with open(path / ".metadata", "rb") as f:
@@ -263,6 +293,46 @@ class Payload:
 
 def marker_command(marker: Path) -> str:
     return f"{sys.executable} -c \"open({str(marker)!r}, 'w').write('pwned')\""
+
+
+def payloads(marker: Path) -> dict[str, bytes]:
+    """Crafted ``.metadata`` pickles that each create ``marker`` if anything runs them."""
+    import builtins
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    code = f"open({str(marker)!r}, 'w').write('pwned')"
+    return {
+        "os.system": pickle.dumps(Payload(os.system, marker_command(marker))),
+        "builtins.exec": pickle.dumps(Payload(builtins.exec, code)),
+        "builtins.eval": pickle.dumps(Payload(builtins.eval, f"exec({code!r})")),
+        "subprocess.Popen": pickle.dumps(Payload(subprocess.Popen, ["sh", "-c", f"echo > {marker}"])),
+        "nested in real Metadata": pickle.dumps(
+            Metadata(state_dict_metadata={"x": Payload(builtins.exec, code)}, storage_data={})),
+        # Protocol 0 GLOBAL opcodes, and an attribute chain behind an admitted class.
+        "GLOBAL opcode": f"cbuiltins\nexec\n(V{code}\ntR.".encode(),
+        "dotted name": b"ctorch.distributed.checkpoint.metadata\nMetadata.__init__.__globals__\n.",
+    }
+
+
+class Recorder(pickle.Unpickler):
+    """Records every global a pickle names (used on files these tests wrote themselves)."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.seen: set[tuple[str, str]] = set()
+
+    def find_class(self, module, name):
+        self.seen.add((module, name))
+        return super().find_class(module, name)
+
+
+def load_metadata_file(path: Path) -> Any:
+    """A ``.metadata`` file through fsdpck's restricted unpickler."""
+    from fsdpck.checkpoint.unpickler import load_metadata
+
+    with open(path, "rb") as f:
+        return load_metadata(f, size=os.fstat(f.fileno()).st_size, source=str(path))
 
 
 def synthetic_ckpt(path: Path, n_keys: int) -> list[str]:

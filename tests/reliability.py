@@ -12,11 +12,19 @@ import json
 import os
 
 
-def record(fault: str, *, sees: str, code: int, seconds: float, left: str, test: str) -> None:
+def current_test() -> str:
+    """The running test as pytest names it (``tests/integration/test_drills.py::test_drill``), without
+    its parameters and phase: the table's "test" column, never a stale hand-written path."""
+    current = os.environ.get("PYTEST_CURRENT_TEST", "")
+    return current.rsplit(" ", 1)[0].split("[", 1)[0] or "?"
+
+
+def record(fault: str, *, sees: str, code: int, seconds: float, left: str, test: str | None = None) -> None:
     path = os.environ.get("FSDPCK_RELIABILITY_LOG")
     if not path:
         return
-    row = {"fault": fault, "sees": sees.strip(), "code": code, "seconds": round(seconds, 1), "left": left, "test": test}
+    row = {"fault": fault, "sees": sees.strip(), "code": code, "seconds": round(seconds, 1), "left": left,
+           "test": test or current_test()}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 

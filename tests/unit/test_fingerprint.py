@@ -1,10 +1,10 @@
 """Tests of fsdpck.fingerprint: every path equals the definition, and any split adds up.
 
-Pure logic in one process (plus a world-size-1 gloo group for DTensor and ShardedTensor),
-and one ``torchrun`` test on 3 ranks for uneven and empty DTensor shards. The C kernel and
+Pure logic in one process, no process group (how DTensors and ShardedTensors split into
+pieces is tests/integration/test_shards_dist.py's). The C kernel and
 the torch path are both held to ``fp_reference`` (``FSDPCK_FP_BACKEND`` picks one); the
 Triton kernel runs in Triton's interpreter in a subprocess where triton is installed, and on
-the GPU where there is one. Run with ``python -m pytest tests/test_fingerprint.py -q``.
+the GPU where there is one. Run with ``bash scripts/test.sh tests/unit/test_fingerprint.py``.
 """
 
 from __future__ import annotations
@@ -29,26 +29,14 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.distributed.tensor import Replicate, Shard
 
 from fsdpck import fingerprint
 from fsdpck.errors import SetupError
-from fsdpck.fingerprint import (
-    MASK64,
-    allreduce_sum_u64,
-    fp_chunk,
-    fp_local,
-    fp_reference,
-    fp_tensor,
-    from_hex,
-    mix64,
-    to_hex,
-)
+from fsdpck.fingerprint import MASK64, ckernel, dispatch, fp_chunk, fp_reference, fp_tensor, mix64, to_hex, torch_path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Every dtype of itemsize <= 8 this torch has; float8 and friends only where present.
 _DTYPE_NAMES = [
@@ -120,11 +108,11 @@ def cpu_path(request):
 
 @contextlib.contextmanager
 def piece_numel(n: int | None):
-    """Set fingerprint.PIECE_NUMEL so that pieces split inside chunks (None: the per-device default).
+    """Set torch_path.PIECE_NUMEL so that pieces split inside chunks (None: the per-device default).
 
     A context manager rather than monkeypatch, which hypothesis cannot reset per example.
     """
-    with mock.patch.object(fingerprint, "PIECE_NUMEL", n):
+    with mock.patch.object(torch_path, "PIECE_NUMEL", n):
         yield
 
 
@@ -163,15 +151,10 @@ def test_reference_rejects_bad_input():
         fp_reference([1 << 64], [0])
 
 
-def test_hex_round_trip():
+def test_hex():
     for x in (0, 1, 0xDEADBEEF, MASK64):
         s = to_hex(x)
-        assert len(s) == 16 and s == s.lower()
-        assert from_hex(s) == x
-    assert from_hex("ABCDEF0123456789") == 0xABCDEF0123456789
-    for bad in ("", "123", "0x0000000000000000", "g" * 16, "1" * 17):
-        with pytest.raises(ValueError):
-            from_hex(bad)
+        assert len(s) == 16 and s == s.lower() and int(s, 16) == x
     for bad in (-1, 1 << 64):
         with pytest.raises(ValueError):
             to_hex(bad)
@@ -412,19 +395,19 @@ def test_paths_agree_on_odd_layouts(name, chunk, global_shape, offsets, cpu_path
 
 def test_layout_orders_and_merges_dims():
     # A contiguous tensor is one run; a slice of whole rows too; a column slice is rows x columns.
-    assert fingerprint._layout([4, 5, 6], [30, 6, 1], [4, 5, 6], [0, 0, 0]) == ([(120, 1, 1)], 0)
-    assert fingerprint._layout([2, 5, 6], [30, 6, 1], [4, 5, 6], [1, 0, 0]) == ([(60, 1, 1)], 30)
-    assert fingerprint._layout([4, 3], [10, 1], [4, 10], [0, 7]) == ([(4, 10, 10), (3, 1, 1)], 7)
+    assert dispatch.layout([4, 5, 6], [30, 6, 1], [4, 5, 6], [0, 0, 0]) == ([(120, 1, 1)], 0)
+    assert dispatch.layout([2, 5, 6], [30, 6, 1], [4, 5, 6], [1, 0, 0]) == ([(60, 1, 1)], 30)
+    assert dispatch.layout([4, 3], [10, 1], [4, 10], [0, 7]) == ([(4, 10, 10), (3, 1, 1)], 7)
     # Column-major: the innermost loop walks memory (stride 1), the global index by a row (3).
-    assert fingerprint._layout([4, 3], [1, 4], [4, 3], [0, 0]) == ([(3, 4, 1), (4, 1, 3)], 0)
+    assert dispatch.layout([4, 3], [1, 4], [4, 3], [0, 0]) == ([(3, 4, 1), (4, 1, 3)], 0)
     # Size-1 dims only move the base; 0-dim is one element at index 0.
-    assert fingerprint._layout([1, 3, 1], [3, 1, 1], [2, 3, 4], [1, 0, 2]) == ([(3, 1, 4)], 14)
-    assert fingerprint._layout([], [], [], []) == ([], 0)
+    assert dispatch.layout([1, 3, 1], [3, 1, 1], [2, 3, 4], [1, 0, 2]) == ([(3, 1, 4)], 14)
+    assert dispatch.layout([], [], [], []) == ([], 0)
 
 
 def test_c_kernel_is_used_where_a_compiler_is():
     # A kernel that stops building must fail here, not slip silently onto the torch path.
-    if fingerprint._c_compiler() is None:
+    if ckernel._c_compiler() is None:
         pytest.skip("no C compiler on PATH")
     with forced_backend(None):
         assert fingerprint.backend("cpu") == "c", fingerprint.backend_detail("cpu")
@@ -437,9 +420,9 @@ def test_c_kernel_splits_large_chunks_over_threads(monkeypatch):
     full = random_tensor((9, 40), torch.float64, seed=31)
     expected = reference_fp(full)
     calls = []
-    real_call = fingerprint._c_call
-    monkeypatch.setattr(fingerprint, "_C_MIN_PER_THREAD", 16)
-    monkeypatch.setattr(fingerprint, "_c_call", lambda *args: calls.append(args) or real_call(*args))
+    real_call = ckernel._c_call
+    monkeypatch.setattr(ckernel, "_C_MIN_PER_THREAD", 16)
+    monkeypatch.setattr(ckernel, "_c_call", lambda *args: calls.append(args) or real_call(*args))
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
@@ -456,7 +439,7 @@ def test_c_kernel_splits_large_chunks_over_threads(monkeypatch):
 def test_backend_env_var():
     with forced_backend("torch"):
         assert fingerprint.backend("cpu") == "torch"
-        with mock.patch.object(fingerprint, "_fp_chunk_c", side_effect=AssertionError("C path used")):
+        with mock.patch.object(ckernel, "fp_chunk_c", side_effect=AssertionError("C path used")):
             t = random_tensor((3, 4), torch.float32, seed=1)
             assert fp_tensor(t) == reference_fp(t)
     with forced_backend(" Torch "):
@@ -478,9 +461,9 @@ def no_compiler(monkeypatch, tmp_path):
     """No C compiler (CC names a program that does not exist) and an empty kernel cache."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("FSDPCK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fingerprint, "_c_state", None)
+    monkeypatch.setattr(ckernel, "_c_state", None)
     yield tmp_path / "cache"
-    monkeypatch.setattr(fingerprint, "_c_state", None)
+    monkeypatch.setattr(ckernel, "_c_state", None)
 
 
 def test_no_compiler_falls_back_to_torch_silently(no_compiler, capfd):
@@ -500,7 +483,7 @@ def test_no_compiler_falls_back_to_torch_silently(no_compiler, capfd):
 def built_library() -> Path:
     """The C kernel's library as this machine builds it (from the user's cache, or compiled into it)."""
     with forced_backend(None):
-        fn, path, detail = fingerprint._c_kernel()
+        fn, path, detail = ckernel.c_kernel()
     if fn is None:
         pytest.skip(f"no C kernel here: {detail}")
     return path
@@ -516,7 +499,7 @@ def test_cached_kernel_needs_no_compiler(built_library, no_compiler):
         assert fingerprint.backend("cpu") == "torch"
         assert "cannot load" in fingerprint.backend_detail("cpu")
     shutil.copyfile(built_library, copy)
-    fingerprint._c_state = None
+    ckernel._c_state = None
     with forced_backend(None):
         assert fingerprint.backend("cpu") == "c"
         assert "(cached;" in fingerprint.backend_detail("cpu")
@@ -526,15 +509,15 @@ def test_cached_kernel_needs_no_compiler(built_library, no_compiler):
 
 def test_concurrent_compiles_leave_one_whole_library(tmp_path):
     # Many ranks compile into one shared cache at once: each renames a whole file into place.
-    compiler = fingerprint._c_compiler()
+    compiler = ckernel._c_compiler()
     if compiler is None:
         pytest.skip("no C compiler on PATH")
-    source = fingerprint._C_SOURCE.read_bytes()
-    flags = fingerprint._C_FLAG_SETS[-1]  # the quick build: the renaming is what is tested
+    source = ckernel._C_SOURCE.read_bytes()
+    flags = ckernel._C_FLAG_SETS[-1]  # the quick build: the renaming is what is tested
     target = tmp_path / "cache" / "fpkernel-test.so"
     results = []
     workers = [
-        threading.Thread(target=lambda: results.append(fingerprint._compile_c_kernel(compiler, flags, source, target)))
+        threading.Thread(target=lambda: results.append(ckernel._compile_c_kernel(compiler, flags, source, target)))
         for _ in range(2)
     ]
     for w in workers:
@@ -543,18 +526,18 @@ def test_concurrent_compiles_leave_one_whole_library(tmp_path):
         w.join()
     assert results == [None, None]
     assert [p.name for p in target.parent.iterdir()] == [target.name]
-    fn, why = fingerprint._load_c_kernel(target)
+    fn, why = ckernel._load_c_kernel(target)
     assert fn is not None, why
 
 
 def test_unwritable_cache_compiles_privately(monkeypatch, tmp_path):
     # A home dir mounted read-only on compute nodes: build for this process alone, leave nothing.
-    if fingerprint._c_compiler() is None:
+    if ckernel._c_compiler() is None:
         pytest.skip("no C compiler on PATH")
     monkeypatch.setenv("FSDPCK_CACHE", os.devnull + "/fsdpck")  # cannot be created
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(fingerprint, "_C_FLAG_SETS", fingerprint._C_FLAG_SETS[-1:])  # the quick build
-    monkeypatch.setattr(fingerprint, "_c_state", None)
+    monkeypatch.setattr(ckernel, "_C_FLAG_SETS", ckernel._C_FLAG_SETS[-1:])  # the quick build
+    monkeypatch.setattr(ckernel, "_c_state", None)
     monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR afresh
     with forced_backend(None):
         assert fingerprint.backend("cpu") == "c", fingerprint.backend_detail("cpu")
@@ -562,13 +545,13 @@ def test_unwritable_cache_compiles_privately(monkeypatch, tmp_path):
         t = random_tensor((6, 5), torch.int32, seed=8)
         assert fp_tensor(t.t()) == reference_fp(t.t())
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(fingerprint, "_c_state", None)
+    monkeypatch.setattr(ckernel, "_c_state", None)
 
 
 def test_c_self_check_refuses_a_wrong_kernel():
-    assert "itemsize 1" in fingerprint._c_self_check(lambda *args: 0)
+    assert "itemsize 1" in ckernel._c_self_check(lambda *args: 0)
     if c_available():
-        assert fingerprint._c_self_check(fingerprint._c_kernel()[0]) is None
+        assert ckernel._c_self_check(ckernel.c_kernel()[0]) is None
 
 
 def test_triton_failure_falls_back_to_torch(monkeypatch):
@@ -579,13 +562,13 @@ def test_triton_failure_falls_back_to_torch(monkeypatch):
         def fp_layout(*args):
             raise RuntimeError("PTX assembly aborted")
 
-    monkeypatch.setattr(fingerprint, "backend", lambda device: "triton")
-    monkeypatch.setattr(fingerprint, "_triton_module", lambda: Broken)
-    monkeypatch.setattr(fingerprint, "_triton_state", {})
-    t = random_tensor((3, 7), torch.float16, seed=13)
+    monkeypatch.setattr(dispatch, "backend", lambda device: "triton")
+    monkeypatch.setattr(dispatch, "_triton_module", lambda: Broken)
+    monkeypatch.setattr(dispatch, "_triton_state", {})
+    t = random_tensor((300, 300), torch.float16, seed=13)  # past SMALL_CHUNK_NUMEL: a kernel would be used
     with forced_backend(None):
         assert fp_tensor(t) == reference_fp(t)
-    usable, why = fingerprint._triton_state["cpu"]
+    usable, why = dispatch._triton_state["cpu"]
     assert not usable and "PTX assembly aborted" in why
     with forced_backend("triton"), pytest.raises(RuntimeError, match="PTX"):
         fp_tensor(t)
@@ -596,16 +579,17 @@ def test_triton_failure_falls_back_to_torch(monkeypatch):
 TRITON_INTERPRETER_CHECK = r"""
 import itertools, math, sys
 import torch
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests/unit")
 from test_fingerprint import odd_layouts, placed_reference, random_tensor
-from fsdpck import fingerprint, fingerprint_triton
+from fsdpck import fingerprint
+from fsdpck.fingerprint import triton_kernel
 from fsdpck.fingerprint import fp_chunk, fp_tensor
 
-assert fingerprint_triton.interpreting()
+assert triton_kernel.interpreting()
 assert fingerprint.backend("cpu") == "triton", fingerprint.backend_detail("cpu")
 # Many launches per chunk, as a huge chunk has on a GPU; fewer tiles per program than on a
 # GPU (each costs the interpreter a pass, used or not), but still a loop.
-fingerprint_triton.MAX_PROGRAMS, fingerprint_triton.TILES = 1, 2
+triton_kernel.MAX_PROGRAMS, triton_kernel.TILES = 1, 2
 checked = 0
 # Each itemsize, signed and unsigned (the kernel reads signed views and zero-extends them).
 for dtype in (torch.bool, torch.int8, torch.bfloat16, torch.float32, torch.uint64):
@@ -626,7 +610,7 @@ for name, chunk, global_shape, offsets in odd_layouts():
     assert got == placed_reference(chunk, global_shape, offsets), name
     checked += 1
 long = random_tensor((20000,), torch.float32, seed=6)  # 20 tiles: 10 launches
-assert fp_tensor(long) == fingerprint._fp_chunk_torch(long.view(torch.uint32), [20000], [20000], [0])
+assert fp_tensor(long) == torch_path.fp_chunk_torch(long.view(torch.uint32), [20000], [20000], [0])
 print("triton interpreter OK", checked + 1)
 """
 
@@ -697,129 +681,16 @@ def test_triton_matches_torch_on_cuda():
         assert fast == slow, dtype
 
 
-# --- distributed values, one process -----------------------------------------------------
+def test_small_chunks_never_compile_a_kernel(monkeypatch):
+    # A pre-flight verify's whole state is a few hundred bytes: no kernel is built for it.
+    def no_kernel():
+        raise AssertionError("a kernel was built for a small chunk")
 
-
-def test_allreduce_without_process_group_returns_values():
-    if dist.is_initialized():
-        pytest.skip("a process group exists in this session")
-    assert allreduce_sum_u64([0, MASK64, 5]) == [0, MASK64, 5]
-    with pytest.raises(ValueError):
-        allreduce_sum_u64([-1])
-
-
-@pytest.fixture(scope="module")
-def world1():
-    """A world-size-1 gloo group and a 1-D CPU mesh over it; torn down with the module."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (dist.get_world_size(),))
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("placement", [Shard(0), Shard(1), Replicate()], ids=str)
-def test_dtensor_world1(world1, placement):
-    from torch.distributed.tensor import distribute_tensor
-
-    full = random_tensor((5, 3), torch.float32, seed=11)
-    dt = distribute_tensor(full, world1, [placement])
-    assert fp_local(dt) == fp_tensor(full)
-    assert allreduce_sum_u64([fp_local(dt)]) == [fp_tensor(full)]
-
-
-def test_dtensor_partial_is_refused(world1):
-    from torch.distributed.tensor import DTensor, Partial
-
-    dt = DTensor.from_local(torch.ones(2, 2), world1, [Partial()])
-    with pytest.raises(ValueError, match="Partial"):
-        fp_local(dt)
-
-
-def test_sharded_tensor_world1(world1):
-    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
-
-    full = random_tensor((5, 3), torch.bfloat16, seed=5)
-    blocks = [((0, 0), (2, 3)), ((2, 0), (5, 1)), ((2, 1), (5, 3))]
-    shards = [
-        Shard.from_tensor_and_offsets(full[lo[0] : hi[0], lo[1] : hi[1]].clone(), list(lo), 0) for lo, hi in blocks
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        sharded = init_from_local_shards(shards, 5, 3)
-    assert fp_local(sharded) == fp_tensor(full)
-
-
-def test_fp_local_plain_tensor_and_refusal():
-    t = random_tensor((4,), torch.int32, seed=2)
-    assert fp_local(t) == fp_tensor(t)
-    with pytest.raises(TypeError):
-        fp_local([1, 2, 3])
-
-
-def test_allreduce_world1_is_exact(world1):
-    values = [0, 1, MASK64, 1 << 63, 0xFFFFFFFF, 1 << 32]
-    assert allreduce_sum_u64(values) == values
-    assert allreduce_sum_u64([]) == []
-
-
-# --- distributed values, three ranks -------------------------------------------------
-
-
-THREE_RANK_TEST = "test_uneven_and_empty_dtensor_shards_three_ranks"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def three_rank_run(request):
-    """torchrun on 3 ranks with tests/_fp_dtensor_worker.py, started when the module starts.
-
-    Nearly all of its time is four Python processes importing torch, so it runs in the
-    background while the in-process tests run, and the test below waits for it. It is not
-    started when that test is not selected.
-    """
-    if not any(item.name == THREE_RANK_TEST for item in request.session.items):
-        yield None
-        return
-    # Drop a surrounding launcher's rank variables: torchrun sets its own.
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = "1"  # 3 ranks share few cores
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-        str(REPO / "tests" / "_fp_dtensor_worker.py"),
-    ]  # fmt: skip
-    # A session of its own, so that a timeout can end torchrun and its workers together.
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-
-
-def test_uneven_and_empty_dtensor_shards_three_ranks(three_rank_run):
-    try:
-        output, _ = three_rank_run.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(three_rank_run.pid, signal.SIGKILL)
-        output, _ = three_rank_run.communicate()
-        pytest.fail(f"torchrun worker timed out after 180 s; output tail:\n{output[-4000:]}")
-    ok = set(re.findall(r"rank (\d) OK", output))
-    code = three_rank_run.returncode
-    assert code == 0 and ok == {"0", "1", "2"}, f"exit {code}; output tail:\n{output[-4000:]}"
+    monkeypatch.setattr(ckernel, "c_kernel", no_kernel)
+    monkeypatch.setattr(dispatch, "_triton_ready", lambda device: no_kernel())
+    t = random_tensor((dispatch.SMALL_CHUNK_NUMEL - 1,), torch.float32, seed=3)
+    with forced_backend(None):
+        assert fp_tensor(t) == reference_fp(t)
+    big = random_tensor((dispatch.SMALL_CHUNK_NUMEL,), torch.uint8, seed=4)
+    with forced_backend(None), pytest.raises(AssertionError, match="kernel was built"):
+        fp_tensor(big)

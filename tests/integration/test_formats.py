@@ -1,0 +1,132 @@
+"""Other formats and other PyTorch versions: DCP's Hugging Face (safetensors) storage, and checkpoints
+that torch 2.11 saved (tests/data/torch-2.11.tar.xz, made by scripts/make_fixtures.sh on the GPU
+machine) loaded by this torch at other world sizes."""
+
+from __future__ import annotations
+
+import json
+import struct
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO, check_envelope, fsdpck
+
+pytestmark = pytest.mark.slow
+FIXTURES = REPO / "tests" / "data" / "torch-2.11.tar.xz"
+
+
+# --- safetensors ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def st_saved(tmp_path_factory) -> Path:
+    pytest.importorskip("safetensors")
+    path = tmp_path_factory.mktemp("st") / "ck"
+    r = fsdpck("save", str(path), "--fsdp", "2", "--format", "safetensors", nproc=2)
+    assert r.code == 0, r.tail()
+    return path
+
+
+def test_safetensors_save_writes_safetensors_and_loads_at_three(st_saved, tmp_path):
+    files = sorted(p.name for p in st_saved.iterdir())
+    assert files == ["fsdpck.json", "shard-00001-model-00001-of-00001.safetensors",
+                     "shard-00002-model-00001-of-00001.safetensors"]
+    manifest = json.loads((st_saved / "fsdpck.json").read_text())
+    assert manifest["flow"]["format"] == "safetensors"
+    assert not any(k.startswith("optim.param_groups") for k in manifest["keys"])  # tensors only
+    r = fsdpck("load", str(st_saved), "--json", str(tmp_path / "l.json"), nproc=3)
+    assert r.code == 0, r.tail()
+    doc = json.loads((tmp_path / "l.json").read_text())
+    check_envelope(doc, "load", 0)
+    assert doc["checkpoints"][0]["keys_compared"] == len(manifest["keys"])
+    i = fsdpck("inspect", str(st_saved), "--verify-data")
+    assert i.code == 0 and "whole, data verified against fsdpck.json" in i.last_line(), i.tail()
+
+
+def test_a_flipped_bit_in_a_safetensors_file_is_caught(st_saved, tmp_path):
+    import shutil
+
+    path = Path(shutil.copytree(st_saved, tmp_path / "ck"))
+    name = "shard-00002-model-00001-of-00001.safetensors"
+    data = bytearray((path / name).read_bytes())
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    header = json.loads(data[8: 8 + n])
+    key = "model.net1.0.weight"
+    begin, _ = header[key]["data_offsets"]
+    data[8 + n + begin] ^= 0x01
+    (path / name).write_bytes(bytes(data))
+    i = fsdpck("inspect", str(path), "--verify-data")
+    assert i.code == 1 and "MISMATCH" in i.text and key in i.text, i.tail()
+    lo = fsdpck("load", str(path), nproc=2)
+    assert lo.code == 1 and f"{key} (differs)" in lo.last_line(), lo.tail()
+
+
+def test_a_hostile_safetensors_header_is_a_problem(st_saved, tmp_path):
+    import shutil
+
+    path = Path(shutil.copytree(st_saved, tmp_path / "ck"))
+    name = "shard-00001-model-00001-of-00001.safetensors"
+    data = bytearray((path / name).read_bytes())
+    data[:8] = struct.pack("<Q", 1 << 50)  # a header length far past the file's end
+    (path / name).write_bytes(bytes(data))
+    i = fsdpck("inspect", str(path))
+    assert i.code == 1 and "the header claims" in i.text and "Traceback" not in i.text, i.tail()
+
+
+def test_safetensors_verify_and_what_the_format_cannot_hold():
+    pytest.importorskip("safetensors")
+    r = fsdpck("verify", "--fsdp", "2", "--format", "safetensors", "--planner", "default")
+    assert r.code == 0, r.tail()
+    for args, needle in ((["--format", "safetensors"], "use --api dsd"),
+                         (["--fsdp", "2", "--format", "safetensors", "--trainer-state"], "tensors only")):
+        bad = fsdpck("verify", *args)
+        assert bad.code == 2 and needle in bad.text and "Traceback" not in bad.text, bad.tail()
+
+
+# --- checkpoints from torch 2.11 -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def old(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("old")
+    with tarfile.open(FIXTURES) as tar:
+        tar.extractall(root, filter="data")
+    (base,) = list(root.iterdir())
+    return {p.name: p for p in sorted(base.iterdir())}
+
+
+def test_fixtures_are_what_they_say(old):
+    assert sorted(old) == [f"ws{ws}-fsdp{f}-{a}-{d}" for ws in (3, 4) for f, a in ((1, "legacy"), (2, "dsd"))
+                           for d in ("bfloat16", "float32")]
+    for name, path in old.items():
+        manifest = json.loads((path / "fsdpck.json").read_text())
+        assert manifest["torch_version"].startswith("2.11") and manifest["world_size"] == int(name[2])
+        assert FIXTURES.stat().st_size < 300_000
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torch_211_checkpoints_load_exactly_at_other_world_sizes(old, nproc, tmp_path):
+    dirs = [str(p) for name, p in old.items() if int(name[2]) != nproc]
+    r = fsdpck("load", *dirs, "--json", str(tmp_path / "l.json"), nproc=nproc)
+    assert r.code == 0, r.tail()
+    doc = json.loads((tmp_path / "l.json").read_text())
+    assert len(doc["checkpoints"]) == len(dirs)
+    assert all(c["saved_torch"].startswith("2.11") and c["keys_differing"] == 0 for c in doc["checkpoints"])
+
+
+def test_a_flipped_bit_in_a_torch_211_checkpoint_is_caught(old, tmp_path):
+    import shutil
+
+    import ckpt_factory as cf
+    import torch
+
+    path = Path(shutil.copytree(old["ws4-fsdp2-dsd-float32"], tmp_path / "ck"))
+    key = "model.net3.0.weight"
+    value = {"model": {"net3.0.weight": torch.empty(12, 8)}}
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(value, checkpoint_id=str(path), no_dist=True)
+    cf.flip_byte_in_tensor(path, key, value["model"]["net3.0.weight"][:3])  # rank 0's rows, in rank 0's file
+    r = fsdpck("load", str(path), nproc=2)
+    assert r.code == 1 and f"{key} (differs)" in r.last_line(), r.tail()

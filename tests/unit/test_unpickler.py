@@ -1,0 +1,220 @@
+"""fsdpck.checkpoint.unpickler: DCP's .metadata is read with a restricted unpickler that runs nothing.
+
+Real .metadata files name only admitted globals and load to the same Metadata as with the
+plain unpickler; crafted ones are refused by name and their payload never runs (while the
+plain unpickler does run it, so the check could fail); garbage is a format error. The same
+checks on torchrun-made FSDP2 metadata are in tests/integration/test_offline_real.py.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+from pathlib import Path, PurePosixPath
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ckpt_factory as cf
+from fsdpck.checkpoint import unpickler
+from fsdpck.errors import CheckpointFormatError
+
+DCP_MD = "torch.distributed.checkpoint.metadata"
+DCP_FS = "torch.distributed.checkpoint.filesystem"
+
+
+def pristine(name: str) -> Path:
+    return {"plain": cf.plain_ckpt, "torch_save_to_dcp": cf.torch_save_ckpt}[name]()
+
+
+def load_bytes(data: bytes, source: str = "test/.metadata"):
+    return unpickler.load_metadata(io.BytesIO(data), size=len(data), source=source)
+
+
+@pytest.mark.parametrize("name", ["plain", "torch_save_to_dcp"])
+def test_real_metadata_names_only_admitted_globals_and_loads_the_same(name):
+    path = pristine(name) / ".metadata"
+    with open(path, "rb") as f:
+        rec = cf.Recorder(f)
+        plain = rec.load()
+    assert (DCP_MD, "Metadata") in rec.seen
+    for module, qualname in rec.seen:
+        assert unpickler.resolve(module, qualname) is not None, f"{module}.{qualname} is not admitted"
+    safe = cf.load_metadata_file(path)
+    assert type(safe) is type(plain)  # the real class, not the sealed stand-in
+    assert safe.state_dict_metadata == plain.state_dict_metadata
+    assert safe.storage_data == plain.storage_data
+    assert safe.version == plain.version == "1.0.0"
+
+
+def test_admitted_names_resolve_and_nothing_else_does():
+    assert (DCP_FS, "_StorageInfo") in unpickler.ADMITTED
+    for module, name in unpickler.ADMITTED:
+        assert unpickler.resolve(module, name) is not None, (module, name)
+    assert unpickler.resolve("torch", "float32") is torch.float32
+    assert unpickler.resolve("torch", "bfloat16") is torch.bfloat16
+    assert unpickler.resolve("torch", "strided") is torch.strided
+    assert unpickler.resolve("torch", "contiguous_format") is torch.contiguous_format
+    assert unpickler.resolve("torch", "Size") is torch.Size
+    for module, name in [("torch", "load"), ("torch", "Tensor"), ("torch", "nn"), ("builtins", "eval"),
+                         ("builtins", "getattr"), ("os", "system"), ("posix", "system"), ("torch.serialization", "load"),
+                         ("pathlib", "Path"), (DCP_MD, "Metadata.__init__"), ("torch", "float32.__class__"),
+                         ("collections", "namedtuple"), (DCP_FS, "FileSystemReader"), ("torch", "Size.__new__")]:
+        assert unpickler.resolve(module, name) is None, f"{module}.{name} must be refused"
+
+
+def test_admitted_classes_build_real_instances_and_cannot_be_changed():
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    stand_in = unpickler.resolve(DCP_MD, "Metadata")
+    empty = stand_in.__new__(stand_in)  # NEWOBJ: what a pickle makes before BUILD fills it in
+    assert type(empty) is Metadata
+    made = stand_in(state_dict_metadata={})  # REDUCE: the real constructor
+    assert type(made) is Metadata and made.state_dict_metadata == {}
+    with pytest.raises(pickle.UnpicklingError, match="refused to set"):
+        stand_in.__reduce_ex__ = print
+    with pytest.raises(pickle.UnpicklingError, match="refused to delete"):
+        del stand_in.__new__
+    assert Metadata.__reduce_ex__ is not print
+
+
+def test_paths_and_layouts_come_back_as_harmless_values():
+    path_of = unpickler.resolve("pathlib", "PosixPath")
+    value = path_of("/ckpt/step-1")
+    assert type(value) is PurePosixPath and value == PurePosixPath("/ckpt/step-1")  # no file system access
+    with pytest.raises(pickle.UnpicklingError):
+        path_of._fn = os.system
+    layout_of = unpickler.resolve("torch.serialization", "_get_layout")
+    assert layout_of("torch.strided") is torch.strided
+    for bad in ("os.system", "torch.float32", "torch.load", 3):
+        with pytest.raises(pickle.UnpicklingError):
+            layout_of(bad)
+
+
+CRAFTED = ["os.system", "builtins.exec", "builtins.eval", "subprocess.Popen", "nested in real Metadata",
+           "GLOBAL opcode", "dotted name"]
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_crafted_metadata_never_runs_and_names_the_class(tmp_path, case):
+    marker = tmp_path / "marker"
+    (tmp_path / ".metadata").write_bytes(cf.payloads(marker)[case])
+    with pytest.raises(CheckpointFormatError) as info:
+        cf.load_metadata_file(tmp_path / ".metadata")
+    expected = {"os.system": "posix.system", "builtins.exec": "builtins.exec", "builtins.eval": "builtins.eval",
+                "subprocess.Popen": "subprocess.Popen", "nested in real Metadata": "builtins.exec",
+                "GLOBAL opcode": "builtins.exec",
+                "dotted name": f"{DCP_MD}.Metadata.__init__.__globals__"}[case]
+    assert f"refused to unpickle {expected}" in info.value.message
+    assert "nothing in it was executed" in info.value.message
+    assert str(tmp_path / ".metadata") in info.value.message
+    assert info.value.exit_code == 1
+    assert not marker.exists()
+
+
+def test_the_planted_payload_is_live_with_the_plain_unpickler(tmp_path):
+    """The check above could fail: DCP's own reader (plain pickle.load) does run the payload."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "marker"
+    (tmp_path / ".metadata").write_bytes(cf.payloads(marker)["os.system"])
+    try:
+        dcp.FileSystemReader(str(tmp_path)).read_metadata()
+    except Exception:
+        pass  # os.system returns an int, which is not Metadata; the payload has run by then
+    assert marker.read_text() == "pwned"
+
+
+def test_build_aimed_at_an_admitted_class_is_refused():
+    """GLOBAL Metadata, then BUILD with slot state: an attempt to set an attribute on the class itself."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    data = (b"\x80\x02c" + DCP_MD.encode() + b"\nMetadata\n" + b"N}X\x0c\x00\x00\x00fsdpck_pwned" + b"K\x01s\x86b.")
+    with pytest.raises(CheckpointFormatError, match="not a readable DCP metadata pickle"):
+        load_bytes(data)
+    assert not hasattr(Metadata, "fsdpck_pwned")
+    assert "fsdpck_pwned" not in pickle.loads(pickle.dumps(Metadata(state_dict_metadata={}))).__dict__
+
+
+def test_a_length_claiming_more_than_the_file_is_refused_without_reading_on():
+    """BINBYTES8 claiming 2**40 bytes in a file of a few: an error, never a read past the file."""
+    data = b"\x80\x04\x8e" + struct.pack("<Q", 1 << 40) + b"abc."
+    with pytest.raises(CheckpointFormatError, match="not a readable DCP metadata pickle"):
+        load_bytes(data)
+    stream = io.BytesIO(b"0123456789")  # the size given bounds what is read, whatever the stream holds
+    with pytest.raises(CheckpointFormatError):
+        unpickler.load_metadata(stream, size=4, source="s")
+    assert stream.tell() <= 4
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "empty file"),
+    (b"this is not a pickle at all", "not a readable DCP metadata pickle"),
+    (pickle.dumps({"a": 1}), "holds a dict, not DCP Metadata"),
+    (pickle.dumps([torch.Size([2, 3])]), "holds a list, not DCP Metadata"),
+    (b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01Q.", "not a readable DCP metadata pickle"),  # cut frame
+    (b"\x80\x02X\x07\x00\x00\x00storageQ.", "refused a persistent id"),  # what torch.save uses for tensors
+    (b"(" * 100_000 + b".", "not a readable DCP metadata pickle"),  # marks nested deeper than any metadata
+])
+def test_garbage_metadata_is_a_format_error(tmp_path, content, words):
+    (tmp_path / ".metadata").write_bytes(content)
+    with pytest.raises(CheckpointFormatError, match=words):
+        cf.load_metadata_file(tmp_path / ".metadata")
+
+
+def test_truncated_metadata_is_a_format_error(tmp_path):
+    data = (cf.plain_ckpt() / ".metadata").read_bytes()
+    for cut in (1, len(data) // 2, len(data) - 1):
+        with pytest.raises(CheckpointFormatError, match="not a readable DCP metadata pickle"):
+            load_bytes(data[:cut])
+    assert load_bytes(data).version == "1.0.0"  # the whole file is fine: the cut is what failed
+
+
+# --- property: any damage to a real pickle is refused cleanly, and nothing global changes --------------
+
+
+def _class_state() -> dict[str, dict]:
+    """Every admitted class (the real one and its stand-in) with its attributes: what a pickle must not change."""
+    out = {}
+    for (module, name), origin in unpickler.ADMITTED.items():
+        obj = unpickler.resolve(module, name)
+        targets = [obj]
+        if origin == "dcp class":
+            targets.append(obj.__mro__[1])  # the real DCP class behind the stand-in
+        for target in targets:
+            attrs = getattr(target, "__dict__", None)
+            out[f"{module}.{name}:{id(target)}"] = dict(attrs) if attrs is not None else {"slots": repr(target)}
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_damage_to_a_metadata_pickle_is_refused_cleanly(data):
+    raw = (cf.plain_ckpt() / ".metadata").read_bytes()
+    before = _class_state()
+    blob = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 6))):
+        how = data.draw(st.sampled_from(["flip", "cut", "insert", "opcode"]))
+        at = data.draw(st.integers(0, max(0, len(blob) - 1)))
+        if how == "flip":
+            blob[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif how == "cut":
+            del blob[at: at + data.draw(st.integers(1, 64))]
+        elif how == "insert":
+            blob[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+        else:  # a BUILD, a global, a memo get or a stack op dropped in anywhere
+            blob[at:at] = data.draw(st.sampled_from([b"b", b"c__builtin__\nsetattr\n", b"h\x00", b"0", b"(", b"R",
+                                                     b"\x93", b"\x81", b"s", b"u"]))
+    try:
+        md = load_bytes(bytes(blob))
+    except CheckpointFormatError as e:
+        assert e.message.startswith("test/.metadata: ")
+    else:
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        assert isinstance(md, Metadata)
+    assert _class_state() == before
