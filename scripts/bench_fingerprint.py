@@ -21,9 +21,10 @@ CPU it also prints GB per CPU-second (bytes over the process's CPU time, all thr
 per-core rate that other load on a shared machine hardly moves, where wall-clock rates do.
 
 ``--triton-sweep`` times the Triton kernel at a few tile sizes and warp counts
-(``fingerprint_triton.BLOCK`` / ``NUM_WARPS``) to choose its defaults. ``--compiled`` times the
-same arithmetic through ``torch.compile``: the headroom a fused torch kernel would have, compile
-time included; fsdpck does not use it.
+(``fsdpck.fingerprint.triton_kernel.BLOCK`` / ``NUM_WARPS`` / ``TILES``) to choose its defaults.
+``--compiled`` times the same arithmetic through ``torch.compile``: the headroom a fused torch
+kernel would have, compile time included; fsdpck does not use it. ``--piece-numel`` overrides
+the torch path's piece size (``fsdpck.fingerprint.torch_path.PIECE_NUMEL``).
 """
 
 from __future__ import annotations
@@ -63,18 +64,22 @@ def best_times(fn, *, repeat: int, sync) -> tuple[float, float]:
 
 
 def compiled_fp_tensor(piece_numel: int):
-    """fp_tensor of a contiguous tensor through one torch.compile'd kernel per piece (experiment)."""
+    """fp_tensor of a contiguous tensor through one torch.compile'd kernel per piece (experiment).
+
+    The same arithmetic as the torch path (``fsdpck.fingerprint.torch_path``), its constants included.
+    """
     import torch
 
-    from fsdpck import fingerprint as fpm
+    from fsdpck.fingerprint import MASK64
+    from fsdpck.fingerprint import torch_path as tp
 
     def mix(z, *, nonnegative=False):
         s = z >> 30
-        z = z ^ (s if nonnegative else s & fpm._KEEP_AFTER_30)
-        z = z * fpm._MUL1_I64
-        z = z ^ ((z >> 27) & fpm._KEEP_AFTER_27)
-        z = z * fpm._MUL2_I64
-        return z ^ ((z >> 31) & fpm._KEEP_AFTER_31)
+        z = z ^ (s if nonnegative else s & tp._KEEP_AFTER_30)
+        z = z * tp._MUL1_I64
+        z = z ^ ((z >> 27) & tp._KEEP_AFTER_27)
+        z = z * tp._MUL2_I64
+        return z ^ ((z >> 31) & tp._KEEP_AFTER_31)
 
     def piece_sum(bits, first_index_plus_one):
         index = torch.arange(bits.numel(), dtype=torch.int64, device=bits.device) + first_index_plus_one
@@ -83,11 +88,11 @@ def compiled_fp_tensor(piece_numel: int):
     kernel = torch.compile(piece_sum, dynamic=True)
 
     def fp(t):
-        bits = fpm._bits_view(t).reshape(-1)
+        bits = tp.bits_view(t).reshape(-1)
         acc = torch.zeros((), dtype=torch.int64, device=t.device)
         for start in range(0, bits.numel(), piece_numel):
             acc += kernel(bits[start : start + piece_numel], start + 1)
-        return int(acc.item()) & fpm.MASK64
+        return int(acc.item()) & MASK64
 
     return fp
 
@@ -139,7 +144,8 @@ def main() -> None:
     parser.add_argument(
         "--backends", default=None, help=f"comma-separated paths to time, of {ALL_BACKENDS} (default: the device's)"
     )
-    parser.add_argument("--piece-numel", type=int, default=None, help="override fingerprint.PIECE_NUMEL (torch path)")
+    parser.add_argument("--piece-numel", type=int, default=None,
+                        help="override fsdpck.fingerprint.torch_path.PIECE_NUMEL (the torch path's piece size)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--triton-sweep", action="store_true", help="also time Triton tile sizes and warp counts")
     parser.add_argument("--compiled", action="store_true", help="also time a torch.compile'd fused kernel")
@@ -149,11 +155,13 @@ def main() -> None:
     import torch
 
     from fsdpck import fingerprint
+    from fsdpck.errors import SetupError
+    from fsdpck.fingerprint import torch_path
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.piece_numel is not None:
-        fingerprint.PIECE_NUMEL = args.piece_numel
+        torch_path.PIECE_NUMEL = args.piece_numel
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     to_stdout = args.json == "-"
@@ -244,10 +252,17 @@ def main() -> None:
         say(f"fingerprint {fingerprint.to_hex(next(iter(values.values())))}  same on every path: {same}")
 
     if args.triton_sweep and device.type == "cuda":
-        report["triton_sweep"] = triton_sweep(t, nbytes, copy_s, args.repeat, sync, say)
+        try:
+            with forced("triton"):
+                fingerprint.backend(device)
+        except SetupError as e:  # the kernel cannot run here: say why, keep the figures measured so far
+            report["triton_sweep"] = {"skipped": str(e)}
+            say(f"triton sweep skipped: {e}")
+        else:
+            report["triton_sweep"] = triton_sweep(t, nbytes, copy_s, args.repeat, sync, say)
 
     if args.compiled:
-        fp = compiled_fp_tensor(fingerprint.piece_numel(device))
+        fp = compiled_fp_tensor(torch_path.piece_numel(device))
         start = time.perf_counter()
         with forced("torch"):
             reference = fingerprint.fp_tensor(t)
@@ -277,10 +292,14 @@ def main() -> None:
 
 
 def triton_sweep(t, nbytes: int, copy_s: float, repeat: int, sync, say) -> list[dict]:
-    """The Triton path's rate at a few BLOCK / NUM_WARPS / TILES settings (each compiles once)."""
-    from fsdpck import fingerprint, fingerprint_triton
+    """The Triton path's rate at a few BLOCK / NUM_WARPS / TILES settings (each compiles once).
 
-    saved = (fingerprint_triton.BLOCK, fingerprint_triton.NUM_WARPS, fingerprint_triton.TILES)
+    fp_layout reads the three from its module at every call, so setting them here takes effect.
+    """
+    from fsdpck import fingerprint
+    from fsdpck.fingerprint import triton_kernel
+
+    saved = (triton_kernel.BLOCK, triton_kernel.NUM_WARPS, triton_kernel.TILES)
     rows = []
     try:
         with forced("triton"):
@@ -289,7 +308,7 @@ def triton_sweep(t, nbytes: int, copy_s: float, repeat: int, sync, say) -> list[
                 (512, 4, 8), (1024, 4, 8), (1024, 8, 8), (2048, 8, 8), (2048, 4, 8), (4096, 8, 8),
                 (1024, 4, 2), (1024, 4, 32),
             ]:  # fmt: skip
-                fingerprint_triton.BLOCK, fingerprint_triton.NUM_WARPS, fingerprint_triton.TILES = block, warps, tiles
+                triton_kernel.BLOCK, triton_kernel.NUM_WARPS, triton_kernel.TILES = block, warps, tiles
                 same = fingerprint.fp_tensor(t) == expected
                 seconds = best_seconds(lambda: fingerprint.fp_tensor(t), repeat=repeat, sync=sync)
                 rows.append(
@@ -301,7 +320,7 @@ def triton_sweep(t, nbytes: int, copy_s: float, repeat: int, sync, say) -> list[
                     f"(ratio to copy_ {copy_s / seconds:.3f}; same fingerprint: {same})"
                 )
     finally:
-        fingerprint_triton.BLOCK, fingerprint_triton.NUM_WARPS, fingerprint_triton.TILES = saved
+        triton_kernel.BLOCK, triton_kernel.NUM_WARPS, triton_kernel.TILES = saved
     return rows
 
 

@@ -2,7 +2,7 @@
 # The whole failure-drill table: every phase x kind at each world size, through
 # `fsdpck verify -n N` with FSDPCK_FAULT set. Each drill must end with exit 3 within
 # --timeout + 30 s; the line per drill also says whether the failed rank was named.
-# (CI runs a representative subset: tests/test_drills.py.)
+# (CI runs a representative subset: tests/integration/test_drills.py.)
 #
 #   bash scripts/drills.sh                                  # 5 phases x 4 kinds x 2 world sizes = 40 drills
 #   DRILL_KINDS="hang kill" DRILL_WORLD_SIZES=3 bash scripts/drills.sh

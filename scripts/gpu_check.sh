@@ -21,7 +21,7 @@ step python3 -m fsdpck load -n 1 "$CK/fsdp1" "$CK/fsdp2"
 step python3 -m fsdpck load -n 2 "$CK/fsdp1" "$CK/fsdp2" --json "$OUT/load2.json"
 step python3 -m fsdpck load -n 2 "$CK/fsdp1" --fsdp 2
 step python3 -m fsdpck inspect "$CK/fsdp2" --verify-data
-step python3 -m pytest -q tests/test_fingerprint.py -k "cuda or device" -p no:cacheprovider
+step python3 -m pytest -q tests/unit/test_fingerprint.py -k "cuda or device" -p no:cacheprovider
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -ge 4 ]; then
     # A node's worth of GPUs: the matrix at N ranks, and resharding N -> 2 and N -> N with both flows.

@@ -1,12 +1,13 @@
 """Write docs/reliability.md from the rows the reliability tests recorded.
 
 The tests call ``tests/reliability.py:record(...)``; with FSDPCK_RELIABILITY_LOG=path set
-each call appends one JSON line (fault, sees, code, seconds, left, test). This script turns
+each call appends one JSON line (fault, sees, code, seconds, left, test: the pytest node id of the
+test that recorded it). This script turns
 such a log into the table: one row per (fault, test), the last run's values where a test
 ran more than once.
 
-    FSDPCK_RELIABILITY_LOG=/tmp/rel.jsonl python3 -m pytest tests/test_drills.py \\
-        tests/test_storage.py tests/test_multinode.py tests/test_cli_ckpt.py
+    FSDPCK_RELIABILITY_LOG=/tmp/rel.jsonl python3 -m pytest tests/integration/test_drills.py \\
+        tests/integration/test_storage.py tests/integration/test_multinode.py tests/test_cli_ckpt.py
     python3 scripts/reliability_table.py /tmp/rel.jsonl [--drills drills.out] [-o docs/reliability.md]
 
 ``--drills`` takes the output of scripts/drills.sh (the whole drill table) and puts its
@@ -42,13 +43,13 @@ tests/test_cli_ckpt.py where it records them):
 
 ```bash
 rm -f /tmp/rel.jsonl
-FSDPCK_RELIABILITY_LOG=/tmp/rel.jsonl python3 -m pytest tests/test_drills.py tests/test_storage.py \\
-    tests/test_multinode.py tests/test_cli_ckpt.py
+FSDPCK_RELIABILITY_LOG=/tmp/rel.jsonl python3 -m pytest tests/integration/test_drills.py \\
+    tests/integration/test_storage.py tests/integration/test_multinode.py tests/test_cli_ckpt.py
 bash scripts/drills.sh > /tmp/drills.out     # optional: the whole drill table, ~15 min on 2 cores
 python3 scripts/reliability_table.py /tmp/rel.jsonl --drills /tmp/drills.out
 ```
 
-Command lines are fuzzed separately (tests/test_fuzz_cli.py): every command's options, ~100
+Command lines are fuzzed separately (tests/unit/test_fuzz_cli.py): every command's options, ~100
 generated cases per run, each must end with exit 2, a message naming the option, and no
 traceback.
 """

@@ -3,7 +3,7 @@
 #
 # srun starts this once per node (scripts/slurm/preflight.sbatch); torchrun on each node
 # starts GPUS_PER_NODE workers, and all nodes meet in a c10d rendezvous on FSDPCK_HEAD.
-# tests/test_multinode.py runs it twice on 127.0.0.1 (2 "nodes" x 2 CPU workers).
+# tests/integration/test_multinode.py runs it twice on 127.0.0.1 (2 "nodes" x 2 CPU workers).
 #
 #   SLURM_NNODES     number of nodes                          (torchrun --nnodes)
 #   SLURM_NODEID     this node's index in the allocation, 0.. (node 0 hosts the rendezvous store)
