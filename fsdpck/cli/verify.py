@@ -53,7 +53,7 @@ def verify(checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype
       fsdpck verify -n 4 --fsdp 2 --replicate 2           # HSDP: 2 replicas x 2 shards
       fsdpck verify -n 2 --fsdp 2 --trainer-state --save-mode async  # the whole resume state, saved as training runs
       fsdpck verify -n 2 --matrix --optimizer all --dtype all  # every flow, optimizer and dtype in one launch
-      fsdpck verify -n 2 --matrix --optimizer all --dtype all --self-test  # each fails on its one row (exit 1)
+      fsdpck verify -n 2 --matrix --self-test             # each flow fails on its one flipped row (exit 1)
       fsdpck verify --json report.json                    # the same facts for scripts
     """
     opt.check_width_or_size(size)

@@ -34,6 +34,9 @@ from fsdpck.state.summary import KeySummary, flatten, summarize, views
 from fsdpck.state.trainer import Trainer
 
 
+SAVED_COPY_LIMIT = 256 << 20
+
+
 @dataclass(slots=True)
 class VerifyOptions:
     selection: dict[str, Any] = field(default_factory=dict)  # flows.select's arguments, but the world's
@@ -48,6 +51,11 @@ class VerifyOptions:
     size: int | None = None  # bytes of state wanted: picks the width per flow (--size)
     seed: int = 0
     writer: WriterOptions = field(default_factory=WriterOptions)
+    # The saved tensors stay in memory to be compared element by element (counts, max |Δ|) while
+    # the largest rank's share is at most this; above it, or for an async save, the saved state's
+    # fingerprints stand in for them, so that a rank holds one copy of its state at a time. A
+    # tolerance needs the elements: with --atol/--rtol they are always kept.
+    saved_copy_limit: int = SAVED_COPY_LIMIT
 
     @property
     def tolerance(self) -> Tolerance:
@@ -146,6 +154,15 @@ def fresh(dims: ModelDims, flow: Flow, *, seed: int, ctx) -> tuple[Any, Any, Tra
     return net, optim, trainer
 
 
+def keeps_saved_copy(local_state_bytes: int, opts: VerifyOptions, *, ctx) -> bool:
+    """Whether the saved tensors are kept for an element-by-element comparison (the same answer on
+    every rank: the comparison's collectives depend on it)."""
+    if not opts.tolerance.bitwise:
+        return True
+    (largest,) = collectives.allreduce_floats(ctx, [float(local_state_bytes)], op="max")
+    return largest <= opts.saved_copy_limit
+
+
 def load_fresh(storage: Any, dims: ModelDims, flow: Flow, *, seed: int, tracker: PhaseTracker, ctx,
                self_test: bool = False, self_test_rank: int | None = None, bit: int | None = None):
     """Build a fresh model and optimizer, load the checkpoint into them, return this rank's state
@@ -155,12 +172,14 @@ def load_fresh(storage: Any, dims: ModelDims, flow: Flow, *, seed: int, tracker:
     with tracker.phase("load"):
         flows.load_into(net, optim, storage, flow, rank=ctx.rank, trainer=trainer)
         collectives.barrier(ctx)
-    with tracker.phase("state-dict"):
+    with tracker.phase("read-back"):
         after = views(flatten(flows.state_dict(net, optim, flow, trainer)), rank=ctx.rank)
         flipped = None
         if self_test:
             target = ctx.world_size - 1 if self_test_rank is None else self_test_rank
             flipped = flip_one_bit(after, ctx=ctx, rank=target, bit=bit)
+    if flow.fsdp == 1:
+        mdl.release(net)  # FSDP1's state dicts are copies: ``after`` does not share the model's memory
     return after, flipped
 
 
@@ -191,8 +210,10 @@ def run_flow(flow: Flow, storage: Any, *, ctx, opts: VerifyOptions, dims: ModelD
         state = flows.state_dict(net, optim, flow, trainer)
         before = views(flatten(state), rank=ctx.rank)
     during = steps_during(net, optim, trainer, dims, flow, seed=opts.seed, ctx=ctx)
+    result.state_bytes = local_bytes(before)
+    keep_saved = during is None and keeps_saved_copy(result.state_bytes, opts, ctx=ctx)
     saved: dict[str, KeySummary] | None = None
-    if during is not None or opts.keep:
+    if not keep_saved or opts.keep:
         with tracker.phase("fingerprint"):
             # The state as it is when the save is called: what the checkpoint must hold.
             saved = summarize(before, ctx=ctx, stats=opts.keep)
@@ -204,11 +225,13 @@ def run_flow(flow: Flow, storage: Any, *, ctx, opts: VerifyOptions, dims: ModelD
     if during is not None:
         with tracker.phase("fingerprint"):
             check_state_moved(saved, net, optim, trainer, flow, ctx=ctx)
-        before = None  # the live values moved on: only the fingerprints taken at the save stand for them
-    # Only ``before`` (the saved tensors themselves) is compared from here on: let the model, its
-    # gradients and the optimizer go before the fresh ones are built, so that a rank's peak
-    # memory is about two copies of its share, not three.
-    result.state_bytes = local_bytes(before) if before is not None else 0
+    if not keep_saved:
+        before = None  # the fingerprints taken at the save stand for the saved values from here on
+    # At most ``before`` (the saved tensors themselves) is compared from here on: let the model,
+    # its gradients and the optimizer go before the fresh ones are built, so that a rank's peak
+    # memory is one copy of its share (two where the saved copy is kept), not three.
+    if flow.fsdp == 1:
+        mdl.release(net)  # FSDP1's state dicts are copies: ``before`` does not share the model's memory
     del net, optim, trainer, state, during
     release_memory(ctx)
     after, result.self_test = load_fresh(storage, dims, flow, seed=opts.seed, tracker=tracker, ctx=ctx,
@@ -221,8 +244,6 @@ def run_flow(flow: Flow, storage: Any, *, ctx, opts: VerifyOptions, dims: ModelD
     with tracker.phase("compare"):
         result.rows = compare_round_trip(saved, loaded, ctx=ctx, tol=opts.tolerance, before=before, after=after)
         result.elementwise = before is not None
-    if not result.state_bytes:
-        result.state_bytes = local_bytes(after)
     result.timings = tracker.max_times(ctx)
     result.memory = memory_report(ctx, local_state_bytes=result.state_bytes)
     result.state_bytes = int(sum(result.memory["state_bytes"]))

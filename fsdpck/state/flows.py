@@ -256,7 +256,9 @@ def load_into(model: Any, optim: Any, storage: Any, flow: Flow, *, rank: int, tr
         model.load_state_dict(state["model"])
         optim_state = load_sharded_optimizer_state_dict(model_state_dict=state["model"], optimizer_key="optim",
                                                         storage_reader=_reader(storage, flow), planner=_planner(flow))
-        optim.load_state_dict(FSDP.optim_state_dict_to_load(model, optim, optim_state["optim"]))
+        del state  # the model's copy is in the model now: let it go before the optimizer state is flattened
+        optim_state = FSDP.optim_state_dict_to_load(model, optim, optim_state["optim"])
+        optim.load_state_dict(optim_state)
         if trainer is not None:
             extra = {"trainer": trainer.state_dict()}
             poison_(extra, rank=rank)

@@ -182,6 +182,33 @@ def train_steps(model: Any, optim: Any, dims: ModelDims, flow: Flow, *, seed: in
             trainer.after_step()
 
 
+def release(net: Any) -> None:
+    """Free the memory of an FSDP1 model that is no longer used (a no-op for FSDP2 and plain modules).
+
+    FSDP1's flat parameters outlive the module: something outside Python's reach keeps them, and
+    ``del`` plus ``gc.collect()`` leaves a model's worth of parameters (and gradients) allocated
+    per model built, so that a matrix of flows, or a benchmark's repetitions, grow until the device
+    is full. Their storage is freed here; the model must not be used afterwards. Nothing fsdpck
+    keeps shares it: FSDP1's state dicts copy the parameters and the optimizer state.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(net, FSDP):
+        return
+    for module in FSDP.fsdp_modules(net):
+        handle = getattr(module, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        if flat is None:
+            continue
+        for name in ("grad", "_local_shard", "_full_param_padded", "_padded_unsharded_grad", "_saved_grad_shard",
+                     "_mp_shard", "_cpu_grad"):
+            t = getattr(flat, name, None)
+            if t is not None and t.untyped_storage().nbytes():
+                t.untyped_storage().resize_(0)
+        if flat.untyped_storage().nbytes():
+            flat.untyped_storage().resize_(0)
+
+
 def build(dims: ModelDims, flow: Flow, *, seed: int, ctx) -> tuple[Any, Any]:
     """A wrapped model and its optimizer (no steps taken)."""
     net = wrap(build_model(dims, seed=seed, dtype=flow.dtype, device=ctx.device), flow, ctx)

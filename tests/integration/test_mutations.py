@@ -31,11 +31,21 @@ def ctx():
     dist.teardown()
 
 
-def verify(ctx, flow: dict, **selection) -> list[tuple[str, str]]:
-    """Run verify through one flow; return (key, status) of every row that is not a match."""
+COPIES = pytest.mark.parametrize("copy", [None, 0], ids=["saved-copy", "fingerprints-only"])
+
+
+def verify(ctx, flow: dict, copy: int | None = None, **selection) -> list[tuple[str, str]]:
+    """Run verify through one flow; return (key, status) of every row that is not a match.
+
+    ``copy``: the saved-copy limit; 0 compares the loaded state with the saved state's fingerprints
+    only, as verify does for a large state (None: the default, which keeps this small state)."""
     opts = VerifyOptions(selection={"matrix": False, "planner": "default", **flow, **selection})
+    if copy is not None:
+        opts.saved_copy_limit = copy
     result = run_verify(opts, ctx=ctx)
     assert all(r.error is None for r in result.results), [r.error for r in result.results]
+    if copy == 0:  # the path really taken: no saved tensors were there to compare
+        assert not any(r.elementwise for r in result.results)
     return [(row.key, row.status) for r in result.results for row in r.differing_rows]
 
 
@@ -59,17 +69,19 @@ def drop_read(key: str):
     return wrap
 
 
+@COPIES
 @pytest.mark.parametrize("flow", FLOWS)
-def test_control_verifies(ctx, flow):
-    assert verify(ctx, FLOWS[flow]) == []
+def test_control_verifies(ctx, flow, copy):
+    assert verify(ctx, FLOWS[flow], copy) == []
 
 
 @pytest.mark.parametrize("flow", FLOWS)
 @pytest.mark.parametrize("key", ["model.net3.0.weight", "model.net1.0.bias", "optim.state.net2.0.weight.exp_avg",
                                  "optim.state.net3.0.bias.exp_avg_sq"])
-def test_a_read_that_drops_one_tensor_is_caught(ctx, flow, key):
+@COPIES
+def test_a_read_that_drops_one_tensor_is_caught(ctx, flow, key, copy):
     with patched(dcp_fs.FileSystemReader, "read_data", drop_read(key)):
-        bad = verify(ctx, FLOWS[flow])
+        bad = verify(ctx, FLOWS[flow], copy)
     assert bad == [(key, "differs")]
 
 
@@ -95,7 +107,8 @@ def test_a_load_that_does_nothing_is_caught(ctx, flow):
 
 
 @pytest.mark.parametrize("flow", FLOWS)
-def test_a_save_that_writes_one_wrong_element_is_caught(ctx, flow):
+@COPIES
+def test_a_save_that_writes_one_wrong_element_is_caught(ctx, flow, copy):
     key = "optim.state.net1.0.weight.exp_avg"
 
     def wrap(original):
@@ -107,7 +120,7 @@ def test_a_save_that_writes_one_wrong_element_is_caught(ctx, flow):
             return data
         return resolve_data
     with patched(DefaultSavePlanner, "resolve_data", wrap):
-        bad = verify(ctx, FLOWS[flow])
+        bad = verify(ctx, FLOWS[flow], copy)
     assert bad == [(key, "differs")]
 
 

@@ -132,7 +132,7 @@ def test_scale_figures_are_present_and_plausible(tmp_path: Path):
     doc = load_json(out)
     (flow,) = doc["flows"]
     assert doc["model_dims"] == flow["model_dims"] == [8, 5, 10, 15]
-    assert set(flow["timings_s"]) == {"step", "state-dict", "save", "setup", "load", "compare", "fingerprint"}
+    assert set(flow["timings_s"]) == {"step", "state-dict", "save", "setup", "load", "read-back", "compare", "fingerprint"}
     assert all(t > 0 for t in flow["timings_s"].values())
     dims = ModelDims.for_world(1, 5)
     steps = 6  # Adam's `step`: one float32 scalar per parameter tensor
