@@ -19,6 +19,12 @@
  */
 
 #include <stdint.h>
+#include <limits.h>
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* The 64-byte vectors below are only ever passed between inlined functions: no ABI is involved. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 #define FSDPCK_MUL1 0xbf58476d1ce4e5b9ULL
 #define FSDPCK_MUL2 0x94d049bb133111ebULL
@@ -72,23 +78,341 @@ FSDPCK_INLINE uint64_t run(const char *p, int64_t itemsize, int64_t n, int64_t s
     }
 }
 
-#define FSDPCK_MAX_DIMS 64
+/* Statistics of one contiguous run of floating-point values, for the manifest's per-key
+ * entries (fsdpck/state/summary.py): out[0] the count of non-finite elements, out[1] the sum of
+ * the finite ones (in double), out[2] / out[3] their min / max (+inf / -inf when none is finite).
+ * code: 0 float32, 1 float64, 2 bfloat16, 3 float16. Independent lanes keep the arithmetic
+ * vectorised without -ffast-math (which would also break the finite test: v - v == 0 is false
+ * exactly for NaN and +-inf). */
 
-/* The partial fingerprint of the chunk, mod 2**64. itemsize is 1, 2, 4 or 8; 0 <= ndim <= 64;
- * every size >= 1 (the caller returns 0 for empty chunks and never calls with them). */
+FSDPCK_INLINE float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } c = {(uint32_t)h << 16};
+    return c.f;
+}
+
+FSDPCK_INLINE float f16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    union { uint32_t u; float f; } c;
+    if (exp == 0x1f) {
+        c.u = sign | 0x7f800000u | (man << 13); /* inf or NaN */
+        return c.f;
+    }
+    if (exp == 0) { /* zero or subnormal: man * 2**-24, exact in float */
+        float v = (float)man * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    c.u = sign | ((exp + 112) << 23) | (man << 13);
+    return c.f;
+}
+
+/* Explicit vectors (GCC/Clang vector extensions, lowered to whatever the clone's ISA has): 8
+ * float lanes (32 bytes: native with AVX2, cheap to lower to SSE2, whose clone would otherwise
+ * take many seconds to compile), their sums in two 4-lane double vectors. Lanes whose value is
+ * not finite are masked out of the sum, min and max and counted. */
+typedef float fsdpck_vf __attribute__((vector_size(32)));
+typedef int32_t fsdpck_vi __attribute__((vector_size(32)));
+typedef double fsdpck_vd __attribute__((vector_size(32)));
+typedef float fsdpck_vf4 __attribute__((vector_size(16)));
+#define FSDPCK_L 8
+
+typedef struct { fsdpck_vd sum_lo, sum_hi; fsdpck_vf lo, hi; fsdpck_vi bad; } fsdpck_acc;
+
+FSDPCK_INLINE void acc_init(fsdpck_acc *a) {
+    for (int k = 0; k < FSDPCK_L; k++) {
+        a->lo[k] = __builtin_inff();
+        a->hi[k] = -__builtin_inff();
+        a->bad[k] = 0;
+    }
+    for (int k = 0; k < FSDPCK_L / 2; k++) {
+        a->sum_lo[k] = 0.0;
+        a->sum_hi[k] = 0.0;
+    }
+}
+
+FSDPCK_INLINE fsdpck_vf select_v(fsdpck_vi mask, fsdpck_vf a, fsdpck_vf b) {
+    fsdpck_vi ai, bi;
+    __builtin_memcpy(&ai, &a, sizeof ai);
+    __builtin_memcpy(&bi, &b, sizeof bi);
+    fsdpck_vi r = (ai & mask) | (bi & ~mask);
+    fsdpck_vf out;
+    __builtin_memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+FSDPCK_INLINE void acc_sum(fsdpck_acc *a, fsdpck_vf w) {
+    fsdpck_vf4 w_lo = __builtin_shufflevector(w, w, 0, 1, 2, 3);
+    fsdpck_vf4 w_hi = __builtin_shufflevector(w, w, 4, 5, 6, 7);
+    a->sum_lo += __builtin_convertvector(w_lo, fsdpck_vd);
+    a->sum_hi += __builtin_convertvector(w_hi, fsdpck_vd);
+}
+
+FSDPCK_INLINE void acc_add(fsdpck_acc *a, const fsdpck_vf *vp) {
+    fsdpck_vf v = *vp;
+    fsdpck_vi fin = (v - v) == 0; /* -1 where finite */
+    acc_sum(a, select_v(fin, v, (fsdpck_vf){0}));
+    a->lo = select_v(fin & (v < a->lo), v, a->lo);
+    a->hi = select_v(fin & (v > a->hi), v, a->hi);
+    a->bad -= ~fin; /* ~fin is -1 where not finite, 0 where finite */
+}
+
+FSDPCK_INLINE void acc_add_scalar(double *sum, double *mn, double *mx, int64_t *bad, double v) {
+    if (v - v == 0.0) {
+        *sum += v;
+        *mn = v < *mn ? v : *mn;
+        *mx = v > *mx ? v : *mx;
+    } else {
+        (*bad)++;
+    }
+}
+
+FSDPCK_INLINE void acc_finish(const fsdpck_acc *a, double sum, double mn, double mx, int64_t bad, double *out) {
+    for (int k = 0; k < FSDPCK_L / 2; k++)
+        sum += a->sum_lo[k] + a->sum_hi[k];
+    for (int k = 0; k < FSDPCK_L; k++) {
+        mn = (double)a->lo[k] < mn ? (double)a->lo[k] : mn;
+        mx = (double)a->hi[k] > mx ? (double)a->hi[k] : mx;
+        bad += a->bad[k];
+    }
+    out[0] = (double)bad; out[1] = sum; out[2] = mn; out[3] = mx;
+}
+
+/* float32, bfloat16 (the top half of a float32) and float16. Blocks of FSDPCK_L * FSDPCK_BLOCK
+ * elements take a fast path: a float sum per lane (FSDPCK_BLOCK terms, then added into the double
+ * sums), and min and max through integer keys (a float's bits with the magnitude bits flipped when
+ * negative order like the floats themselves, and integer min/max vectorise where float ones do
+ * not without -ffast-math), with a flag for any element whose exponent is all ones (NaN or an
+ * infinity); such a block is taken again through the masked path. */
+#define FSDPCK_BLOCK 32
+
+FSDPCK_INLINE int32_t order_key(int32_t bits) { return bits ^ ((bits >> 31) & 0x7fffffff); }
+
+FSDPCK_INLINE float key_to_float(int32_t key) {
+    int32_t bits = order_key(key); /* the map is its own inverse */
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+#define FSDPCK_STATS_V(NAME, T, LOADV, LOAD1, BITS1)                                        \
+    FSDPCK_INLINE void NAME(const T *p, int64_t n, double *out) {                           \
+        fsdpck_acc a;                                                                       \
+        acc_init(&a);                                                                       \
+        int32_t kmin = INT32_MAX, kmax = INT32_MIN;                                         \
+        int64_t j = 0;                                                                      \
+        for (; j + FSDPCK_L * FSDPCK_BLOCK <= n; j += FSDPCK_L * FSDPCK_BLOCK) {            \
+            fsdpck_vf bsum = {0};                                                           \
+            for (int b = 0; b < FSDPCK_BLOCK; b++)                                          \
+                bsum += LOADV(p + j + FSDPCK_L * b);                                        \
+            int32_t bmin = INT32_MAX, bmax = INT32_MIN, special = 0;                        \
+            for (int k = 0; k < FSDPCK_L * FSDPCK_BLOCK; k++) {                             \
+                int32_t x = BITS1(p[j + k]);                                                \
+                int32_t key = order_key(x);                                                 \
+                bmin = key < bmin ? key : bmin;                                             \
+                bmax = key > bmax ? key : bmax;                                             \
+                special |= (x & 0x7f800000) == 0x7f800000;                                  \
+            }                                                                               \
+            if (!special) {                                                                 \
+                acc_sum(&a, bsum);                                                          \
+                kmin = bmin < kmin ? bmin : kmin;                                           \
+                kmax = bmax > kmax ? bmax : kmax;                                           \
+            } else {                                                                        \
+                for (int b = 0; b < FSDPCK_BLOCK; b++) {                                    \
+                    fsdpck_vf v = LOADV(p + j + FSDPCK_L * b);                              \
+                    acc_add(&a, &v);                                                        \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+        for (; j + FSDPCK_L <= n; j += FSDPCK_L) {                                          \
+            fsdpck_vf v = LOADV(p + j);                                                     \
+            acc_add(&a, &v);                                                                \
+        }                                                                                   \
+        double sum = 0.0, mn = __builtin_inf(), mx = -__builtin_inf();                      \
+        int64_t bad = 0;                                                                    \
+        for (; j < n; j++)                                                                  \
+            acc_add_scalar(&sum, &mn, &mx, &bad, (double)LOAD1(p[j]));                      \
+        if (kmin <= kmax) {                                                                 \
+            float lo = key_to_float(kmin), hi = key_to_float(kmax);                         \
+            mn = (double)lo < mn ? (double)lo : mn;                                         \
+            mx = (double)hi > mx ? (double)hi : mx;                                         \
+        }                                                                                   \
+        acc_finish(&a, sum, mn, mx, bad, out);                                              \
+    }
+
+FSDPCK_INLINE int32_t bits_f32(float f) {
+    int32_t x;
+    __builtin_memcpy(&x, &f, 4);
+    return x;
+}
+
+FSDPCK_INLINE int32_t bits_bf16(uint16_t h) { return (int32_t)((uint32_t)h << 16); }
+
+FSDPCK_INLINE int32_t bits_f16(uint16_t h) {
+#if defined(__FLT16_MAX__)
+    _Float16 v;
+    __builtin_memcpy(&v, &h, 2);
+    return bits_f32((float)v);
+#else
+    return bits_f32(f16_to_float(h));
+#endif
+}
+
+FSDPCK_INLINE fsdpck_vf load_f32(const float *p) {
+    fsdpck_vf v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+FSDPCK_INLINE fsdpck_vf load_bf16(const uint16_t *p) {
+    typedef uint16_t vh __attribute__((vector_size(FSDPCK_L * 2)));
+    vh h;
+    __builtin_memcpy(&h, p, sizeof h);
+    fsdpck_vi bits = __builtin_convertvector(h, fsdpck_vi) << 16;
+    fsdpck_vf v;
+    __builtin_memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+FSDPCK_INLINE fsdpck_vf load_f16(const uint16_t *p) {
+#if defined(__FLT16_MAX__)
+    typedef _Float16 vhf __attribute__((vector_size(FSDPCK_L * 2)));
+    vhf h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, fsdpck_vf);
+#else
+    fsdpck_vf v;
+    for (int k = 0; k < FSDPCK_L; k++)
+        v[k] = f16_to_float(p[k]);
+    return v;
+#endif
+}
+
+#define FSDPCK_AS_IS(x) (x)
+FSDPCK_STATS_V(stats_f32, float, load_f32, FSDPCK_AS_IS, bits_f32)
+FSDPCK_STATS_V(stats_bf16, uint16_t, load_bf16, bf16_to_float, bits_bf16)
+FSDPCK_STATS_V(stats_f16, uint16_t, load_f16, f16_to_float, bits_f16)
+
+/* float64: 4 double lanes. */
+typedef int64_t fsdpck_vl __attribute__((vector_size(32)));
+
+FSDPCK_INLINE fsdpck_vd select_d(fsdpck_vl mask, fsdpck_vd a, fsdpck_vd b) {
+    fsdpck_vl ai, bi;
+    __builtin_memcpy(&ai, &a, sizeof ai);
+    __builtin_memcpy(&bi, &b, sizeof bi);
+    fsdpck_vl r = (ai & mask) | (bi & ~mask);
+    fsdpck_vd out;
+    __builtin_memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+FSDPCK_INLINE void stats_f64(const double *p, int64_t n, double *out) {
+    fsdpck_vd sum = {0}, lo, hi;
+    fsdpck_vl bad = {0};
+    for (int k = 0; k < 4; k++) {
+        lo[k] = __builtin_inf();
+        hi[k] = -__builtin_inf();
+    }
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        fsdpck_vd v;
+        __builtin_memcpy(&v, p + j, sizeof v);
+        fsdpck_vl fin = (v - v) == 0;
+        sum += select_d(fin, v, (fsdpck_vd){0});
+        lo = select_d(fin & (v < lo), v, lo);
+        hi = select_d(fin & (v > hi), v, hi);
+        bad -= ~fin;
+    }
+    double total = 0.0, mn = __builtin_inf(), mx = -__builtin_inf();
+    int64_t nonfinite = 0;
+    for (; j < n; j++)
+        acc_add_scalar(&total, &mn, &mx, &nonfinite, p[j]);
+    for (int k = 0; k < 4; k++) {
+        total += sum[k];
+        mn = lo[k] < mn ? lo[k] : mn;
+        mx = hi[k] > mx ? hi[k] : mx;
+        nonfinite += bad[k];
+    }
+    out[0] = (double)nonfinite; out[1] = total; out[2] = mn; out[3] = mx;
+}
+
+FSDPCK_INLINE int stats_contiguous(const void *data, int64_t code, int64_t n, double *out) {
+    switch (code) {
+    case 0: stats_f32((const float *)data, n, out); return 0;
+    case 1: stats_f64((const double *)data, n, out); return 0;
+    case 2: stats_bf16((const uint16_t *)data, n, out); return 0;
+    case 3: stats_f16((const uint16_t *)data, n, out); return 0;
+    default: return -1;
+    }
+}
+
+FSDPCK_INLINE double load_one(const char *p, int64_t code) {
+    switch (code) {
+    case 0: { float v; __builtin_memcpy(&v, p, 4); return v; }
+    case 1: { double v; __builtin_memcpy(&v, p, 8); return v; }
+    case 2: { uint16_t h; __builtin_memcpy(&h, p, 2); return bf16_to_float(h); }
+    default: { uint16_t h; __builtin_memcpy(&h, p, 2); return f16_to_float(h); }
+    }
+}
+
+int64_t fsdpck_stats(const void *data, int64_t code, int64_t n, double *out);
+
+/* Adds the statistics of n elements at memory stride s (elements) into tot (out[]'s layout). A
+ * contiguous run goes to fsdpck_stats, which the loader resolves to its clone for this CPU: the
+ * vector code is compiled once per clone, not again inside every walk. */
+FSDPCK_INLINE void stats_run(const char *p, int64_t itemsize, int64_t code, int64_t n, int64_t s, double *tot) {
+    double part[4] = {0.0, 0.0, __builtin_inf(), -__builtin_inf()};
+    if (s == 1) {
+        fsdpck_stats(p, code, n, part);
+    } else {
+        int64_t bad = 0;
+        for (int64_t j = 0; j < n; j++)
+            acc_add_scalar(&part[1], &part[2], &part[3], &bad, load_one(p + j * s * itemsize, code));
+        part[0] = (double)bad;
+    }
+    tot[0] += part[0];
+    tot[1] += part[1];
+    tot[2] = part[2] < tot[2] ? part[2] : tot[2];
+    tot[3] = part[3] > tot[3] ? part[3] : tot[3];
+}
+
+/* Statistics of one contiguous run; returns 0, or -1 for a code it does not know. */
 FSDPCK_CLONES
-uint64_t fsdpck_fp_strided(const void *data, int64_t itemsize, int64_t ndim, const int64_t *shape,
-                           const int64_t *strides, const int64_t *gstrides, uint64_t base) {
+int64_t fsdpck_stats(const void *data, int64_t code, int64_t n, double *out) {
+    return stats_contiguous(data, code, n, out);
+}
+
+#define FSDPCK_MAX_DIMS 64
+/* With statistics, a run is walked in pieces of this many elements: each is hashed, then its
+ * statistics are taken while it is still in the L1 cache, so memory is read once for both. */
+#define FSDPCK_FUSED_PIECE 4096
+
+/* The walk over a strided chunk (see the top of the file); with code >= 0 it also adds the
+ * statistics of every element into tot. */
+FSDPCK_INLINE uint64_t walk(const void *data, int64_t itemsize, int64_t ndim, const int64_t *shape,
+                            const int64_t *strides, const int64_t *gstrides, uint64_t base, int64_t code,
+                            double *tot) {
     const char *p = (const char *)data;
-    if (ndim <= 0)
+    if (ndim <= 0) {
+        if (code >= 0)
+            stats_run(p, itemsize, code, 1, 1, tot);
         return run(p, itemsize, 1, 1, base, 1);
+    }
     const int64_t last = ndim - 1;
     const int64_t n = shape[last], s = strides[last], g = gstrides[last];
     int64_t idx[FSDPCK_MAX_DIMS] = {0};
     int64_t offset = 0; /* in elements, from data */
     uint64_t i0 = base, acc = 0;
     for (;;) {
-        acc += run(p + offset * itemsize, itemsize, n, s, i0, g);
+        const char *q = p + offset * itemsize;
+        if (code < 0) {
+            acc += run(q, itemsize, n, s, i0, g);
+        } else {
+            for (int64_t k = 0; k < n; k += FSDPCK_FUSED_PIECE) {
+                const int64_t m = n - k < FSDPCK_FUSED_PIECE ? n - k : FSDPCK_FUSED_PIECE;
+                const char *r = q + k * s * itemsize;
+                acc += run(r, itemsize, m, s, i0 + (uint64_t)k * (uint64_t)g, g);
+                stats_run(r, itemsize, code, m, s, tot);
+            }
+        }
         /* Odometer over the outer dims, innermost first. */
         int64_t d = last - 1;
         for (; d >= 0; d--) {
@@ -103,6 +427,27 @@ uint64_t fsdpck_fp_strided(const void *data, int64_t itemsize, int64_t ndim, con
         if (d < 0)
             return acc;
     }
+}
+
+/* The partial fingerprint of the chunk, mod 2**64. itemsize is 1, 2, 4 or 8; 0 <= ndim <= 64;
+ * every size >= 1 (the caller returns 0 for empty chunks and never calls with them). */
+FSDPCK_CLONES
+uint64_t fsdpck_fp_strided(const void *data, int64_t itemsize, int64_t ndim, const int64_t *shape,
+                           const int64_t *strides, const int64_t *gstrides, uint64_t base) {
+    return walk(data, itemsize, ndim, shape, strides, gstrides, base, -1, 0);
+}
+
+/* The same fingerprint, and the chunk's statistics in out[] (as fsdpck_stats gives them) in the
+ * same pass; code as for fsdpck_stats, and it must match itemsize (the caller checks). */
+FSDPCK_CLONES
+uint64_t fsdpck_fp_stats_strided(const void *data, int64_t itemsize, int64_t ndim, const int64_t *shape,
+                                 const int64_t *strides, const int64_t *gstrides, uint64_t base, int64_t code,
+                                 double *out) {
+    out[0] = 0.0;
+    out[1] = 0.0;
+    out[2] = __builtin_inf();
+    out[3] = -__builtin_inf();
+    return walk(data, itemsize, ndim, shape, strides, gstrides, base, code, out);
 }
 
 /* Which clone the loader picked on this CPU, for benchmarks and bug reports. */

@@ -39,6 +39,10 @@ _lock = threading.Lock()
 _c_state: tuple[Any, Path | None, str] | None = None
 # Loaded libraries, kept alive while their functions may be called.
 _c_libraries: list[Any] = []
+# The loaded library's fused fingerprint-and-statistics routine, when it passed its self-check.
+_c_stats: list[Any] = []
+# Codes of the floating dtypes the statistics routine reads (fsdpck_stats in _fpkernel.c).
+_STATS_CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
 # (ThreadPoolExecutor, its size, the pid that made it) for splitting large CPU chunks.
 _c_pool: tuple[Any, int, int] | None = None
 
@@ -177,6 +181,14 @@ def _load_c_kernel(path: Path) -> tuple[Any, str]:
     why = _c_self_check(fn)
     if why is not None:
         return None, f"{path} failed its self-check: {why}"
+    stats, fused = getattr(lib, "fsdpck_stats", None), getattr(lib, "fsdpck_fp_stats_strided", None)
+    if stats is not None and fused is not None:
+        stats.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_double)]
+        stats.restype = ctypes.c_int64
+        fused.argtypes = [*fn.argtypes, ctypes.c_int64, ctypes.POINTER(ctypes.c_double)]
+        fused.restype = ctypes.c_uint64
+        # Statistics that fail their check are left unused; the fingerprint still serves.
+        _c_stats[:] = [fused] if _stats_self_check(stats, fn, fused) is None else []
     _c_libraries.append(lib)
     return fn, f"ISA {isa().decode()}"
 
@@ -260,3 +272,90 @@ def _thread_pool(workers: int) -> Any:
             pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsdpck-fp")
             _c_pool = (pool, workers, os.getpid())
         return pool
+
+
+def _stats_call(fn: Any, address: int, code: int, n: int) -> tuple[int, float, float, float]:
+    import ctypes
+
+    out = (ctypes.c_double * 4)()
+    if fn(address, code, n, out) != 0:
+        raise ValueError(f"fsdpck_stats does not know dtype code {code}")
+    return int(out[0]), out[1], out[2], out[3]
+
+
+def _fused_call(fused: Any, address: int, itemsize: int, dims: Sequence[tuple[int, int, int]], base: int,
+                code: int) -> tuple[int, tuple[int, float, float, float]]:
+    import ctypes
+
+    ndim = len(dims)
+    array = ctypes.c_int64 * ndim
+    out = (ctypes.c_double * 4)()
+    fp = fused(address, itemsize, ndim, array(*(n for n, _, _ in dims)), array(*(s for _, s, _ in dims)),
+               array(*(g for _, _, g in dims)), base, code, out)
+    return int(fp), (int(out[0]), out[1], out[2], out[3])
+
+
+def _stats_self_check(stats: Any, fn: Any, fused: Any) -> str | None:
+    """Hold the statistics to plain Python on each dtype, with NaN and infinities among values that
+    fill several vectors and a tail (and, for float32, the unmasked fast path's whole blocks), and
+    the fused routine to both the fingerprint and the statistics, contiguous and strided."""
+    import ctypes
+    import math
+    import struct
+
+    finite = [1.5, -2.0, 0.25, 3.0, -0.5, 6.0, 0.0, -8.0, 0.125] * 4  # exact in every format
+    clean = [0.5, -1.0, 2.0, 0.25] * 80  # 320 elements: one whole block of the fast path and more
+    packs = {"float32": "f", "float64": "d", "float16": "e"}
+    for name, code in _STATS_CODES.items():
+        for values, exact in ((finite[:17] + [math.nan, math.inf] + finite[17:] + [-math.inf], finite),
+                              (clean, clean)):
+            if name == "bfloat16":  # the top half of each float32
+                raw = b"".join(struct.pack("<f", v)[2:] for v in values)
+            else:
+                raw = struct.pack(f"<{len(values)}{packs[name]}", *values)
+            buf = ctypes.create_string_buffer(raw, len(raw))
+            address, itemsize = ctypes.addressof(buf), len(raw) // len(values)
+            want = (len(values) - len(exact), math.fsum(exact), min(exact), max(exact))
+            got = _stats_call(stats, address, code, len(values))
+            if got != want:
+                return f"{name}: {got} != {want}"
+            for dims in ([(len(values), 1, 1)], [(len(values) // 2, 2, 1)]):
+                fp, st = _fused_call(fused, address, itemsize, dims, 5, code)
+                if fp != _c_call(fn, address, itemsize, dims, 5):
+                    return f"{name}, dims {dims}: the fused fingerprint differs"
+                if dims[0][1] == 1 and st != want:
+                    return f"{name}, fused: {st} != {want}"
+    return None
+
+
+def fp_stats_chunk_c(bits: torch.Tensor, dims: list[tuple[int, int, int]], base: int,
+                     dtype_name: str) -> tuple[int, tuple[int, float, float | None, float | None]] | None:
+    """The fingerprint of a CPU chunk (as :func:`fp_chunk_c`) and, in the same pass over memory, the
+    statistics of its values: (non-finite elements, sum, min, max of the finite ones; min and max
+    None when none is finite). None where the routine does not serve this dtype or did not load."""
+    code = _STATS_CODES.get(dtype_name)
+    if code is None:
+        return None
+    c_kernel()
+    if not _c_stats:
+        return None
+    import torch
+
+    fused, itemsize, address = _c_stats[0], bits.element_size(), bits.data_ptr()
+    parts = min(torch.get_num_threads(), bits.numel() // _C_MIN_PER_THREAD, dims[0][0]) if dims else 1
+    if parts <= 1:
+        results = [_fused_call(fused, address, itemsize, dims, base, code)]
+    else:
+        n0, s0, g0 = dims[0]
+        edges = [n0 * k // parts for k in range(parts + 1)]
+        jobs = [(address + a * s0 * itemsize, [(b - a, s0, g0), *dims[1:]], base + a * g0)
+                for a, b in zip(edges, edges[1:])]
+        results = list(_thread_pool(parts).map(
+            lambda job: _fused_call(fused, job[0], itemsize, job[1], job[2], code), jobs))
+    fp = sum(r[0] for r in results) & MASK64
+    nonfinite = sum(r[1][0] for r in results)
+    total = sum(r[1][1] for r in results)
+    lo, hi = min(r[1][2] for r in results), max(r[1][3] for r in results)
+    if nonfinite == bits.numel():
+        return fp, (nonfinite, 0.0, None, None)
+    return fp, (nonfinite, total, lo, hi)

@@ -68,6 +68,27 @@ def fp_chunk(t: torch.Tensor, *, global_shape: Sequence[int], offsets: Sequence[
     return fp_chunk_torch(bits, shape, global_shape, offsets)
 
 
+def fp_chunk_stats(t: torch.Tensor, *, global_shape: Sequence[int],
+                   offsets: Sequence[int]) -> tuple[int, tuple[int, float, float | None, float | None] | None]:
+    """:func:`fp_chunk`, and where the C path serves the chunk (a large CPU chunk of a floating dtype),
+    its statistics from the same pass over memory: (non-finite elements, sum, min, max of the finite
+    ones). The statistics are None where that path does not serve: the caller computes them."""
+    import torch
+
+    if (t.device.type == "cpu" and t.numel() >= SMALL_CHUNK_NUMEL and t.layout == torch.strided
+            and backend(t.device) == "c"):
+        global_shape = [int(s) for s in global_shape]
+        offsets = [int(o) for o in offsets]
+        check_placement(list(t.shape), global_shape, offsets)
+        bits = bits_view(t.detach())
+        dims, base = layout(list(t.shape), bits.stride(), global_shape, offsets)
+        if len(dims) <= ckernel.C_MAX_DIMS:
+            got = ckernel.fp_stats_chunk_c(bits, dims, base, str(t.dtype).removeprefix("torch."))
+            if got is not None:
+                return got
+    return fp_chunk(t, global_shape=global_shape, offsets=offsets), None
+
+
 def _requested_backend() -> str:
     raw = os.environ.get(BACKEND_ENV, "")
     value = raw.strip().lower() or "auto"

@@ -35,12 +35,13 @@ import triton.language as tl
 if TYPE_CHECKING:
     import torch
 
-# Elements per tile, and tiles per program. 1024 uint64 lanes over 4 warps is 8 per thread:
-# enough loads in flight to stream memory, few enough registers; 8 tiles per program makes
-# each program's reduction and store rare. scripts/bench_fingerprint.py --device cuda sizes them.
+# Elements per tile, and tiles per program. 1024 uint64 lanes over 8 warps is 4 per thread:
+# enough loads in flight to stream memory, few registers; 8 tiles per program makes each
+# program's reduction and store rare. Sized by `scripts/bench_fingerprint.py --device cuda
+# --triton-sweep` on an H200 (docs/benchmarks.md): 8 warps over 4 gave 0.540 of copy_ against 0.517.
 BLOCK = 1024
 TILES = 8
-NUM_WARPS = 4
+NUM_WARPS = 8
 # Programs per launch: enough to fill any current GPU many times over (8192 * 8 tiles of 1024
 # is 64 Mi elements a launch), few enough that the partial sums are 64 KiB.
 MAX_PROGRAMS = 8192

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fsdpck.checkpoint.manifest import KIND_OBJECT, KIND_TENSOR, ManifestEntry, TensorStats
-from fsdpck.fingerprint import MASK64, fp_chunk, to_hex
+from fsdpck.fingerprint import MASK64, fp_chunk, fp_chunk_stats, to_hex
 from fsdpck.runtime import collectives
 from fsdpck.state.canonical import canonical, digest
 from fsdpck.state.shards import Shards, decompose
@@ -68,12 +68,35 @@ def views(flat: dict[str, Any], *, rank: int) -> dict[str, Shards]:
 
 def partial_fingerprint(view: Shards) -> int:
     """This rank's partial fingerprint of its copy (counted or not: replicas are compared by it)."""
+    return _partial(view, with_stats=False)[0]
+
+
+# A key's statistics on one rank, as the collectives reduce them: summed (numel, sum of the finite
+# values, non-finite count) and maxed (max, -min, max |x| over the finite values).
+_NO_STATS = ([0.0, 0.0, 0.0], [-math.inf, -math.inf, -math.inf])
+
+
+def _partial(view: Shards, *, with_stats: bool) -> tuple[int, tuple[list[float], list[float]]]:
+    """The partial fingerprint of this rank's copy and, with ``with_stats``, the statistics of its
+    counted pieces; on the CPU both come from one pass over memory where the C kernel serves."""
     if view.kind == KIND_OBJECT:
-        return digest(canonical(view.obj))
+        return digest(canonical(view.obj)), _NO_STATS
+    want = with_stats and view.counted
     total = 0
+    sums, maxes = [0.0, 0.0, 0.0], [-math.inf, -math.inf, -math.inf]
     for offsets, t in view.pieces:
-        total += fp_chunk(t, global_shape=view.shape or (), offsets=offsets)
-    return total & MASK64
+        if not (want and t.numel()):
+            total += fp_chunk(t, global_shape=view.shape or (), offsets=offsets)
+            continue
+        fp, piece = fp_chunk_stats(t, global_shape=view.shape or (), offsets=offsets)
+        total += fp
+        bad, piece_sum, lo, hi = piece if piece is not None else _piece_stats(t.detach())
+        sums[0] += t.numel()
+        sums[1] += piece_sum
+        sums[2] += bad
+        if lo is not None:
+            maxes = [max(maxes[0], hi), max(maxes[1], -lo), max(maxes[2], abs(lo), abs(hi))]
+    return total & MASK64, (sums, maxes)
 
 
 def key_order(ctx, local: dict[str, Shards]) -> list[tuple[str, dict[str, Any]]]:
@@ -93,14 +116,15 @@ def summarize(local: dict[str, Shards], *, ctx, stats: bool = False) -> dict[str
     ws, n = ctx.world_size, len(order)
     partials = [0] * (ws * n)
     meta: list[int] = []
-    for i, (key, _) in enumerate(order):
+    local_stats: dict[str, tuple[list[float], list[float]]] = {}
+    for i, (key, d) in enumerate(order):
         view = local.get(key)
         if view is not None:
-            partials[ctx.rank * n + i] = partial_fingerprint(view)
+            partials[ctx.rank * n + i], local_stats[key] = _partial(view, with_stats=stats)
         meta += [view is not None, view.counterpart if view is not None else -1, bool(view and view.counted)]
     partials = collectives.allreduce_sum_u64(ctx, partials)
     table = collectives.gather_ints(ctx, meta)
-    value_stats = _stats(local, order, ctx) if stats else None
+    value_stats = _stats(local_stats, order, ctx) if stats else None
     canon = _canonicals(local, order, ctx)
     out: dict[str, KeySummary] = {}
     for i, (key, d) in enumerate(order):
@@ -159,26 +183,16 @@ def _piece_stats(x: Any) -> tuple[int, float, float | None, float | None]:
     return nonfinite, float(acc), float(lo), float(hi)
 
 
-def _stats(local: dict[str, Shards], order: list[tuple[str, dict[str, Any]]], ctx) -> dict[str, TensorStats]:
+def _stats(local_stats: dict[str, tuple[list[float], list[float]]], order: list[tuple[str, dict[str, Any]]],
+           ctx) -> dict[str, TensorStats]:
+    """Every tensor key's statistics over all ranks' counted pieces: two collectives of scalars."""
     tensor_keys = [k for k, d in order if d["kind"] == KIND_TENSOR]
     sums: list[float] = []  # numel, sum, nonfinite per key
     maxes: list[float] = []  # max, -min, abs_max per key
     for key in tensor_keys:
-        view = local.get(key)
-        numel, total, nonfinite = 0, 0.0, 0
-        hi, neg_lo, amax = -math.inf, -math.inf, -math.inf
-        if view is not None and view.counted:
-            for _, t in view.pieces:
-                if t.numel() == 0:
-                    continue
-                numel += t.numel()
-                bad, piece_sum, lo_, hi_ = _piece_stats(t.detach())
-                nonfinite += bad
-                total += piece_sum
-                if lo_ is not None:
-                    hi, neg_lo, amax = max(hi, hi_), max(neg_lo, -lo_), max(amax, abs(lo_), abs(hi_))
-        sums += [numel, total, nonfinite]
-        maxes += [hi, neg_lo, amax]
+        key_sums, key_maxes = local_stats.get(key, _NO_STATS)
+        sums += key_sums
+        maxes += key_maxes
     sums = collectives.allreduce_floats(ctx, sums, op="sum")
     maxes = collectives.allreduce_floats(ctx, maxes, op="max")
     out = {}

@@ -583,7 +583,7 @@ sys.path.insert(0, "tests/unit")
 from test_fingerprint import odd_layouts, placed_reference, random_tensor
 from fsdpck import fingerprint
 from fsdpck.fingerprint import triton_kernel
-from fsdpck.fingerprint import fp_chunk, fp_tensor
+from fsdpck.fingerprint import fp_chunk, fp_tensor, torch_path
 
 assert triton_kernel.interpreting()
 assert fingerprint.backend("cpu") == "triton", fingerprint.backend_detail("cpu")
@@ -694,3 +694,69 @@ def test_small_chunks_never_compile_a_kernel(monkeypatch):
     big = random_tensor((dispatch.SMALL_CHUNK_NUMEL,), torch.uint8, seed=4)
     with forced_backend(None), pytest.raises(AssertionError, match="kernel was built"):
         fp_tensor(big)
+
+
+def _torch_stats(t: torch.Tensor) -> tuple[int, float, float | None, float | None]:
+    """The statistics the C kernel's fused pass must give, computed plainly in float64."""
+    x = t.detach().reshape(-1).double()
+    finite = torch.isfinite(x)
+    good = x[finite]
+    if good.numel() == 0:
+        return int((~finite).sum()), 0.0, None, None
+    return int((~finite).sum()), float(good.sum()), float(good.min()), float(good.max())
+
+
+@pytest.mark.skipif(not c_available(), reason="no C compiler here")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_fused_statistics_agree_with_torch_and_the_fingerprint_with_fp_chunk(dtype):
+    # Sizes around the fast path's blocks of 256 and the vectors of 8; non-finite values in some
+    # blocks only (the masked path), negative zeros and negatives (the integer keys' order), and a
+    # strided piece (the scalar path).
+    gen = torch.Generator().manual_seed(3)
+    for n in (2 * dispatch.SMALL_CHUNK_NUMEL, 2 * dispatch.SMALL_CHUNK_NUMEL + 527):
+        x = (torch.randn(n, generator=gen) * 1000).to(dtype)
+        x[17] = -0.0
+        x[300] = float("nan")
+        x[301] = float("-inf")
+        x[n - 3] = float("inf")
+        for piece, shape, offsets in ((x, (n,), (0,)), (x[1::2], (n,), (1,))):
+            with forced_backend(None):
+                fp, stats = dispatch.fp_chunk_stats(piece, global_shape=shape, offsets=offsets)
+            assert stats is not None, "the C path must serve a large CPU chunk"
+            assert fp == fp_chunk(piece, global_shape=shape, offsets=offsets)
+            want = _torch_stats(piece)
+            assert stats[0] == want[0] and stats[2] == want[2] and stats[3] == want[3], (dtype, n, stats, want)
+            assert math.isclose(stats[1], want[1], rel_tol=1e-6, abs_tol=1e-3), (dtype, n, stats, want)
+        allbad = torch.full((n,), float("nan"), dtype=dtype)
+        with forced_backend(None):
+            _, stats = dispatch.fp_chunk_stats(allbad, global_shape=(n,), offsets=(0,))
+        assert stats == (n, 0.0, None, None)
+
+
+def test_fused_statistics_are_not_used_for_small_or_integer_chunks():
+    with forced_backend(None):
+        assert dispatch.fp_chunk_stats(torch.ones(8), global_shape=(8,), offsets=(0,))[1] is None
+        big = torch.ones(dispatch.SMALL_CHUNK_NUMEL, dtype=torch.int64)
+        assert dispatch.fp_chunk_stats(big, global_shape=big.shape, offsets=(0,))[1] is None
+
+
+@pytest.mark.skipif(not c_available(), reason="no C compiler here")
+def test_a_wrong_statistics_routine_is_refused_by_the_self_check():
+    with forced_backend(None):
+        ckernel.c_kernel()
+    lib = ckernel._c_libraries[-1]
+    fn, stats, fused = lib.fsdpck_fp_strided, lib.fsdpck_stats, lib.fsdpck_fp_stats_strided
+    assert ckernel._stats_self_check(stats, fn, fused) is None
+
+    def off_by_one(address, code, n, out):  # a sum that is one too large
+        got = stats(address, code, n, out)
+        out[1] += 1.0
+        return got
+
+    def no_nonfinite(address, itemsize, ndim, shape, strides, gstrides, base, code, out):
+        got = fused(address, itemsize, ndim, shape, strides, gstrides, base, code, out)
+        out[0] = 0.0
+        return got
+
+    assert "float32" in ckernel._stats_self_check(off_by_one, fn, fused)
+    assert "fused" in ckernel._stats_self_check(stats, fn, no_nonfinite)
