@@ -1,20 +1,27 @@
 """How fast is fsdpck against bare DCP and against the disk, on the same state and the same dir?
 
 One launch builds fsdpck's three-layer model at a size (``--size`` or ``--width``), takes its
-optimizer step and makes the state dict as ``fsdpck verify`` does, and then, for each of
-``--reps`` repetitions, measures side by side in one directory, with that very state dict:
+optimizer step once to know the state (its fingerprints and bytes), and then, for each of
+``--reps`` repetitions, measures side by side in one directory:
 
 1. the disk: each rank writes its share of the checkpoint's bytes into its own file (64 MiB
    writes through the page cache, then fsync), drops the file's pages from the page cache
    (``posix_fadvise(DONTNEED)``, the fraction still resident checked with mincore) and reads
    it back;
-2. bare DCP: ``dcp.save(state, checkpoint_id=dir)``; then, its pages dropped, a resume with
-   PyTorch's own API into a fresh model + optimizer: ``get_state_dict`` (allocates the load
-   target), ``dcp.load`` (the "bare load"), ``set_state_dict``, each timed;
-3. fsdpck's phases as ``fsdpck verify`` runs them: ``flows.save`` and ``flows.load_into`` (and
-   the time spent inside DCP's own save/load core in each), the read-back of the loaded state,
-   ``summarize`` of the saved and the loaded state (the fingerprints), ``compare_round_trip``,
-   and the manifest's ``summarize(stats=True)`` that ``fsdpck save`` writes.
+2. bare DCP as a trainer uses it: train, ``dcp.save(state, checkpoint_id=dir)``, let the model
+   go; then, its pages dropped, a resume with PyTorch's own API into a fresh model + optimizer:
+   ``get_state_dict`` (allocates the load target), ``dcp.load`` (the "bare load"),
+   ``set_state_dict``, each timed;
+3. ``fsdpck verify``'s own round trip, its code and no copy of it (``commands.verify.run_flow``),
+   each of its phases timed as ``fsdpck-<phase>``: train, state dict, the fingerprints of the
+   saved state, save (and the time inside DCP's own save core), a fresh model, load (and inside
+   DCP), the read-back of the loaded state, its fingerprints, the comparison; the checkpoint's
+   pages are dropped between save and load. Whether verify kept the saved tensors or compared
+   against their fingerprints (states over ``VerifyOptions.saved_copy_limit`` per rank) is in
+   the document as ``saved_copy_kept``.
+
+The manifest's per-key entry (fingerprint and statistics) is timed against the fingerprint alone
+by ``scripts/bench_fingerprint.py --manifest``.
 
 Every phase starts after a barrier (and a CUDA synchronize on GPU) and counts the slowest
 rank. An untimed tiny round trip first loads PyTorch's lazily imported modules and kernels.

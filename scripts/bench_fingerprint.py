@@ -13,8 +13,9 @@ ratio, and checks that every path gives the same fingerprint. Run from the repo 
     python scripts/bench_fingerprint.py --device cuda --triton-sweep
     python scripts/bench_fingerprint.py --json -              # the same figures as JSON on stdout
     python scripts/bench_fingerprint.py --compiled            # also a fused torch.compile kernel
+    python scripts/bench_fingerprint.py --manifest --repeat 5 # a manifest entry against the fingerprint
 
-Each figure is the best of ``--repeat`` timed runs after one untimed warm-up (which also
+Each figure is the best (and the median) of ``--repeat`` timed runs after one untimed warm-up (which also
 compiles the C or Triton kernel, if that has not happened yet). The C path uses torch's
 intra-op thread count (``--threads``, or ``OMP_NUM_THREADS``), as the torch path does. On the
 CPU it also prints GB per CPU-second (bytes over the process's CPU time, all threads): a
@@ -51,16 +52,28 @@ def best_times(fn, *, repeat: int, sync) -> tuple[float, float]:
     CPU seconds make a per-core rate that other load on the machine hardly moves: a run that
     waits for a core does not count the wait.
     """
+    walls, cpus = all_times(fn, repeat=repeat, sync=sync)
+    return min(walls), min(cpus)
+
+
+def all_times(fn, *, repeat: int, sync) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds of each of ``repeat`` runs after one untimed warm-up."""
     fn()
     sync()
-    best_wall = best_cpu = float("inf")
+    walls, cpus = [], []
     for _ in range(repeat):
         wall, cpu = time.perf_counter(), time.process_time()
         fn()
         sync()
-        best_wall = min(best_wall, time.perf_counter() - wall)
-        best_cpu = min(best_cpu, time.process_time() - cpu)
-    return best_wall, best_cpu
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return walls, cpus
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def compiled_fp_tensor(piece_numel: int):
@@ -149,6 +162,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--triton-sweep", action="store_true", help="also time Triton tile sizes and warp counts")
     parser.add_argument("--compiled", action="store_true", help="also time a torch.compile'd fused kernel")
+    parser.add_argument("--manifest", action="store_true",
+                        help="also time the manifest's per-key entry (fingerprint + statistics) against the "
+                             "fingerprint alone, through fsdpck's summarize")
     parser.add_argument("--json", metavar="PATH", default=None, help="write the figures as JSON to PATH ('-': stdout)")
     args = parser.parse_args()
 
@@ -177,7 +193,8 @@ def main() -> None:
     clone_s = best_seconds(lambda: t.clone(), repeat=args.repeat, sync=sync)
     # clone() also pays for fresh pages; copy_ into a buffer kept alive is the pure bandwidth.
     dst = torch.empty_like(t)
-    copy_s, copy_cpu_s = best_times(lambda: dst.copy_(t), repeat=args.repeat, sync=sync)
+    copy_walls, copy_cpus = all_times(lambda: dst.copy_(t), repeat=args.repeat, sync=sync)
+    copy_s, copy_cpu_s, copy_median = min(copy_walls), min(copy_cpus), median(copy_walls)
     del dst
 
     report = {
@@ -195,6 +212,7 @@ def main() -> None:
             "clone": {"seconds": clone_s, "gb_per_s": gbps(nbytes, clone_s)},
             "copy_": {
                 "seconds": copy_s,
+                "median_seconds": copy_median,
                 "cpu_seconds": copy_cpu_s,
                 "gb_per_s": gbps(nbytes, copy_s),
                 "gb_per_cpu_s": gbps(nbytes, copy_cpu_s) if device.type == "cpu" and copy_cpu_s > 0 else None,
@@ -229,11 +247,14 @@ def main() -> None:
             values[name] = fingerprint.fp_tensor(t)
             sync()
             first_s = time.perf_counter() - start
-            seconds, cpu_s = best_times(lambda: fingerprint.fp_tensor(t), repeat=args.repeat, sync=sync)
+            walls, cpus = all_times(lambda: fingerprint.fp_tensor(t), repeat=args.repeat, sync=sync)
+            seconds, cpu_s, median_s = min(walls), min(cpus), median(walls)
         report["backends"][name] = {
             "available": True,
             "detail": detail,
             "seconds": seconds,
+            "median_seconds": median_s,
+            "median_ratio_to_copy": copy_median / median_s,
             "cpu_seconds": cpu_s,
             "first_call_seconds": first_s,
             "gb_per_s": gbps(nbytes, seconds),
@@ -244,12 +265,16 @@ def main() -> None:
         per_core = f"; {gbps(nbytes, cpu_s):.2f} GB per CPU-second" if device.type == "cpu" and cpu_s > 0 else ""
         say(
             f"{name:10} {gbps(nbytes, seconds):9.2f} GB/s  ({seconds * 1e3:.1f} ms; ratio to copy_ "
-            f"{copy_s / seconds:.3f}{per_core}; first call {first_s * 1e3:.0f} ms)  [{detail}]"
+            f"{copy_s / seconds:.3f}, median of {args.repeat} {copy_median / median_s:.3f}{per_core}; "
+            f"first call {first_s * 1e3:.0f} ms)  [{detail}]"
         )
     same = len(set(values.values())) <= 1
     report["same_fingerprint"] = same
     if values:
         say(f"fingerprint {fingerprint.to_hex(next(iter(values.values())))}  same on every path: {same}")
+
+    if args.manifest:
+        report["manifest"] = manifest_cost(t, repeat=args.repeat, sync=sync, say=say)
 
     if args.triton_sweep and device.type == "cuda":
         try:
@@ -289,6 +314,30 @@ def main() -> None:
             Path(args.json).write_text(text)
     if not same:
         sys.exit(1)
+
+
+def manifest_cost(t, *, repeat: int, sync, say) -> dict:
+    """What a manifest entry costs next to the fingerprint it holds: ``summarize`` of one key,
+    with and without the statistics ``fsdpck save`` records, at world size 1 (no collectives)."""
+    from types import SimpleNamespace
+
+    from fsdpck.state.summary import flatten, summarize, views
+
+    import torch
+
+    ctx = SimpleNamespace(world_size=1, rank=0)
+    # Values as a state holds them (finite; the random bits of the fingerprint's tensor are often
+    # NaN or infinite, which the statistics take a slower, masked path for).
+    values = torch.randn(t.shape, generator=torch.Generator().manual_seed(0)).to(t.dtype).to(t.device) \
+        if t.is_floating_point() else t
+    local = views(flatten({"t": values}), rank=0)
+    fp_walls, _ = all_times(lambda: summarize(local, ctx=ctx), repeat=repeat, sync=sync)
+    st_walls, _ = all_times(lambda: summarize(local, ctx=ctx, stats=True), repeat=repeat, sync=sync)
+    out = {"fingerprint_median_s": median(fp_walls), "entry_median_s": median(st_walls),
+           "entry_over_fingerprint": median(st_walls) / median(fp_walls)}
+    say(f"{'manifest':10} entry (fingerprint + statistics) {out['entry_median_s'] * 1e3:.1f} ms, fingerprint alone "
+        f"{out['fingerprint_median_s'] * 1e3:.1f} ms: {out['entry_over_fingerprint']:.2f}x (medians of {repeat})")
+    return out
 
 
 def triton_sweep(t, nbytes: int, copy_s: float, repeat: int, sync, say) -> list[dict]:

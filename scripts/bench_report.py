@@ -30,19 +30,23 @@ PHASES = {
     "bare-resume": "bare resume (get + dcp.load + set)",
     "bare-get-state-dict": "  of which get_state_dict",
     "bare-set-state-dict": "  of which set_state_dict",
-    "read-back": "fsdpck read-back of the loaded state",
-    "fingerprint": "fsdpck fingerprint (saved + loaded)",
-    "compare": "fsdpck compare_round_trip",
-    "manifest": "fsdpck manifest (summarize, stats)",
+    "fsdpck-read-back": "fsdpck read-back of the loaded state",
+    "fsdpck-fingerprint": "fsdpck fingerprint (saved + loaded)",
+    "fsdpck-compare": "fsdpck compare_round_trip",
     "bare-setup": "set-up: fresh model (bare)",
     "fsdpck-setup": "set-up: fresh model (fsdpck)",
+    "bare-step": "set-up: train (bare)",
+    "fsdpck-step": "set-up: train (fsdpck)",
+    "bare-state-dict": "set-up: state dict (bare)",
+    "fsdpck-state-dict": "set-up: state dict (fsdpck)",
 }
-# fsdpck's own phases: the memory target's figure is taken over these (set-up and repetition 0).
-FSDPCK_PHASES = ("step", "state-dict", "fsdpck-save", "fsdpck-setup", "fsdpck-load", "read-back", "fingerprint",
-                 "compare", "manifest")
+# fsdpck's own phases (`fsdpck verify`'s run_flow): the memory target's figure is taken over these
+# (set-up and repetition 0).
+FSDPCK_PHASES = ("step", "state-dict", "fsdpck-step", "fsdpck-state-dict", "fsdpck-fingerprint", "fsdpck-save",
+                 "fsdpck-setup", "fsdpck-load", "fsdpck-read-back", "fsdpck-compare")
 RESUME_PARTS = ("bare-get-state-dict", "bare-load", "bare-set-state-dict")  # bare-resume is their sum, per rank
-CHECK = ("read-back", "fingerprint", "compare")  # what verify adds to save + load (its compare phase reads back)
-ONCE = ("warm-up", "step", "state-dict")  # once: every repetition saves the same state
+CHECK = ("fsdpck-read-back", "fsdpck-fingerprint", "fsdpck-compare")  # what verify adds to save + load
+ONCE = ("warm-up", "step", "state-dict")  # once: the reference state's fingerprints and bytes
 MEMORY_TARGET = 2.2
 
 
@@ -97,9 +101,7 @@ def _phases(wall, cpu, ranks, total: int) -> dict[str, Any]:
     io = (total, written)
     sizes = {n: io for n in ("raw-write", "raw-read", "bare-save", "bare-load", "bare-resume", "fsdpck-save",
                              "fsdpck-save-dcp", "fsdpck-load", "fsdpck-load-dcp")}
-    sizes["fingerprint"] = (2 * sum(held), [2 * h for h in held])  # every piece a rank holds, saved and loaded
-    sizes["compare"] = (2 * total, [2 * w for w in written])  # the counted pieces, both sides
-    sizes["manifest"] = (sum(held), held)
+    sizes["fsdpck-fingerprint"] = (2 * sum(held), [2 * h for h in held])  # every piece a rank holds, saved and loaded
     phases: dict[str, Any] = {}
     for name in wall[0]:
         slowest = [max(rep[name]) for rep in wall]
@@ -124,8 +126,8 @@ def _ratios(wall, cpu, ranks, device: str, backend: str) -> dict[str, Any]:
         return [_div(sum(slowest[n][i] for n in num), sum(slowest[d][i] for d in den)) for i in range(nreps)]
 
     fp_bytes = [2 * r["held"] for r in ranks]
-    fp_wall = [min(_div(b, t) for b, t in zip(fp_bytes, rep["fingerprint"])) / 1e9 for rep in wall]
-    fp_cpu = [min(_div(b, t) for b, t in zip(fp_bytes, rep["fingerprint"])) / 1e9 for rep in cpu]
+    fp_wall = [min(_div(b, t) for b, t in zip(fp_bytes, rep["fsdpck-fingerprint"])) / 1e9 for rep in wall]
+    fp_cpu = [min(_div(b, t) for b, t in zip(fp_bytes, rep["fsdpck-fingerprint"])) / 1e9 for rep in cpu]
     copy = min(_div(r["copy_bytes"], r["copy_s"]) for r in ranks) / 1e9  # the slowest rank's, all copying at once
     per_rep = {
         "save_vs_bare": ratio(("fsdpck-save",), ("bare-save",)),
@@ -283,7 +285,8 @@ def render(doc: dict[str, Any]) -> Group:
         f"{doc['device']} ({doc['device_name']}) × {doc['world_size']} ranks, {doc['threads_per_rank']} thread(s) each, "
         f"{doc['cpu_count']} CPUs, load average {doc['loadavg']['start'][0]:.1f} → {doc['loadavg']['end'][0]:.1f}\n"
         f"state {fmt_bytes(doc['state_bytes'])} (width {doc['width']}, dims {doc['dims']}, fsdp{f['fsdp']} {f['api']}, "
-        f"{f['optimizer']} {f['dtype']}), {doc['reps']} rep(s)\n"
+        f"{f['optimizer']} {f['dtype']}), {doc['reps']} rep(s); verify compared the loaded state with "
+        f"{'the saved tensors' if doc.get('saved_copy_kept') else 'the saved state fingerprints'}\n"
         f"dir {d['path']} on {d['fstype']} ({d['device']}, {fmt_bytes(d['free_bytes'])} free)")
     phases = _table("phases: slowest rank, seconds", ["phase", "median", "min–max", "GB/s", "GB/s per rank"], ("phase",))
     for name in PHASES:

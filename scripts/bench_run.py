@@ -30,11 +30,12 @@ from bench_io import (CACHE_NOTE, MemoryWatch, copy_seconds, drop_pages, files_u
 from fsdpck.checkpoint import workdir
 from fsdpck.checkpoint.manifest import KIND_TENSOR
 from fsdpck.checkpoint.storage import LocalStorage
-from fsdpck.commands.verify import VerifyOptions, fresh, local_bytes, manifest_for, release_memory, trained
+from fsdpck.commands.verify import VerifyOptions, fresh, local_bytes, release_memory, run_flow, trained
 from fsdpck.errors import UsageError
 from fsdpck.fingerprint import backend_detail
 from fsdpck.runtime import collectives, phases
 from fsdpck.state import flows
+from fsdpck.state import model as mdl
 from fsdpck.state.compare import MATCH, Tolerance, compare_round_trip
 from fsdpck.state.model import ModelDims
 from fsdpck.state.registry import Flow, WriterOptions
@@ -83,15 +84,20 @@ class Recorder:
         collectives.barrier(self.ctx)
 
     def phase(self, name: str, fn: Callable[[], Any]) -> Any:
-        with self.tracker.phase(name):
-            self.sync()
-            self.barrier()
-            self.memory.start()
-            rss_start = rss_now()
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = fn()
-            self.sync()
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        with self.tracker.phase(name), self.measured(name):
+            return fn()
+
+    @contextmanager
+    def measured(self, name: str) -> Iterator[None]:
+        """Every rank starts together; on the way out: wall and CPU seconds, peak RSS and CUDA allocation."""
+        self.sync()
+        self.barrier()
+        self.memory.start()
+        rss_start = rss_now()
+        c0, t0 = time.process_time(), time.perf_counter()
+        yield
+        self.sync()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rss, cuda = self.memory.stop()
         entry = self.reps[-1].setdefault(name, {"wall": 0.0, "cpu": 0.0, "rss": 0, "cuda": 0, "rss_start": rss_start})
         entry["wall"] += wall
@@ -101,7 +107,20 @@ class Recorder:
             where = "set-up" if self.rep < 0 else f"rep {self.rep}"
             print(f"bench: {where} {name}: {wall:.2f} s on rank 0, peak RSS {rss / 1e9:.2f} GB"
                   + (f", CUDA {cuda / 1e9:.2f} GB" if self.memory.cuda else ""), file=sys.stderr, flush=True)
-        return out
+
+    def reporter(self, before: dict[str, Callable[[], Any]]) -> Callable[[str, str], Any]:
+        """A progress reporter (``phases.set_progress``) that measures the phases ``fsdpck verify``'s
+        own code runs, as ``fsdpck-<phase>``; ``before[phase]`` runs untimed first (dropping pages)."""
+        @contextmanager
+        def report(phase: str, label: str) -> Iterator[None]:
+            if label == "bench":  # the Recorder's own phases measure themselves
+                yield
+                return
+            if phase in before:
+                before.pop(phase)()
+            with self.measured(f"fsdpck-{phase}"):
+                yield
+        return report
 
     def add(self, name: str, seconds: float) -> None:
         """Time spent inside a phase by a part of it (DCP's own core)."""
@@ -196,12 +215,13 @@ class Bench:
         self.rec = Recorder(ctx, log=not args.quiet)
         self.resident: dict[str, list[float | None]] = {"raw": [], "bare": [], "fsdpck": []}
         self.verified: list[bool] = []
+        self.elementwise: list[bool] = []  # whether verify kept the saved tensors (small states) or fingerprints
         self.bare_matched: list[bool] = []
         self.dir_bytes: dict[str, int] = {}
-        # Set once the state exists (measure): what every repetition saves, its views and summary,
-        # and this rank's share of the checkpoint's bytes.
-        self.state: dict[str, Any] = {}
-        self.before: dict[str, Any] = {}
+        # fsdpck's pair is `fsdpck verify`'s own round trip (commands.verify.run_flow) with these options.
+        self.opts = VerifyOptions(seed=self.seed, writer=self.writer)
+        # Set once (measure): the trained state's summary, which every repetition's state must equal (training
+        # is seeded), and this rank's share of the checkpoint's bytes.
         self.reference: dict[str, Any] = {}
         self.written = 0
 
@@ -250,19 +270,16 @@ class Bench:
         tiny = ModelDims.for_world(ctx.world_size, 1)
         where = subdir(self.run, "warm-up", ctx)
         net, optim, trainer = trained(tiny, flow, seed=seed, ctx=ctx)
-        state, before = self.state_of(net, optim, trainer)
+        state = flows.state_dict(net, optim, flow, trainer)
         self.bare_save(state, where.root / "bare")
-        flows.save(state, subdir(where, "fsdpck", ctx), flow, self.writer)
+        mdl.release(net)
+        del net, optim, trainer, state
         self.rec.barrier()
         _, held = self.bare_resume(where.root / "bare", tiny, lambda name, fn: fn())
-        net2, optim2, trainer2 = fresh(tiny, flow, seed=seed, ctx=ctx)
-        flows.load_into(net2, optim2, where.child("fsdpck"), flow, rank=ctx.rank, trainer=trainer2)
-        after = views(flatten(flows.state_dict(net2, optim2, flow, trainer2)), rank=ctx.rank)
-        compare_round_trip(summarize(before, ctx=ctx), summarize(after, ctx=ctx), ctx=ctx, tol=self.tol,
-                           before=before, after=after)
-        manifest_for(summarize(before, ctx=ctx, stats=True), ctx=ctx, flow=flow, dims=tiny, seed=seed).encode()
+        run_flow(flow, subdir(where, "fsdpck", ctx), ctx=ctx, opts=self.opts, dims=tiny)
         backend_detail(ctx.device)
-        del net, optim, trainer, state, before, held, net2, optim2, trainer2, after
+        mdl.release(held[0])
+        del held
         release_memory(ctx)
         self.rec.barrier()
         if ctx.is_rank0:
@@ -283,17 +300,23 @@ class Bench:
         raw.unlink()
 
     def bare_pair(self, rep_dir: LocalStorage) -> None:
+        """A trainer's save and resume with bare DCP: train, save, let the model go, resume into a fresh one."""
         ctx, rec = self.ctx, self.rec
         path = rep_dir.root / "bare"
-        rec.phase("bare-save", lambda: self.bare_save(self.state, path))
+        net, optim, trainer = rec.phase("bare-step", lambda: trained(self.dims, self.flow, seed=self.seed, ctx=ctx))
+        state = rec.phase("bare-state-dict", lambda: flows.state_dict(net, optim, self.flow, trainer))
+        rec.phase("bare-save", lambda: self.bare_save(state, path))
+        mdl.release(net)  # FSDP1 keeps a model's parameters after the model is gone otherwise
+        del net, optim, trainer, state
+        release_memory(ctx)
         if ctx.is_rank0:
             self.dir_bytes["bare"] = workdir.stored_bytes(rep_dir.child("bare"))
         self.resident["bare"].append(self.drop_dir(path))
         after, holders = self.bare_resume(path, self.dims, rec.phase)
-        # Untimed: the bare load really read the state (the same comparison fsdpck's round trip makes).
-        rows = compare_round_trip(self.reference, summarize(after, ctx=ctx), ctx=ctx, tol=self.tol,
-                                  before=self.before, after=after)
+        # Untimed: the bare load really read the state (its fingerprints are the trained state's).
+        rows = compare_round_trip(self.reference, summarize(after, ctx=ctx), ctx=ctx, tol=self.tol)
         self.bare_matched.append(bool(rows) and all(r.status == MATCH for r in rows))
+        mdl.release(holders[0])
         del after, holders, rows
         release_memory(ctx)
         rec.barrier()
@@ -301,36 +324,25 @@ class Bench:
             rep_dir.remove_tree("bare")
 
     def fsdpck_pair(self, rep_dir: LocalStorage) -> None:
-        """fsdpck's round trip, phase by phase as ``commands.verify.run_flow`` runs it."""
-        ctx, rec, flow, before = self.ctx, self.rec, self.flow, self.before
+        """``fsdpck verify``'s round trip, its own code (``commands.verify.run_flow``), phase by phase; the
+        checkpoint's pages are dropped between the save and the load, as for bare DCP."""
+        ctx, rec, flow = self.ctx, self.rec, self.flow
         storage = subdir(rep_dir, "fsdpck", ctx)
-
-        def save() -> None:
-            with dcp_clock(rec, "fsdpck-save-dcp", "torch.distributed.checkpoint.state_dict_saver", "_save_state_dict"):
-                flows.save(self.state, storage, flow, self.writer)
-            collectives.barrier(ctx)  # as run_flow's save phase: the save is done when every rank is
-
-        rec.phase("fsdpck-save", save)
+        drop = {"setup": lambda: self.resident["fsdpck"].append(self.drop_dir(storage.root))}
+        phases.set_progress(rec.reporter(drop))
+        try:
+            with dcp_clock(rec, "fsdpck-save-dcp", "torch.distributed.checkpoint.state_dict_saver", "_save_state_dict"), \
+                    dcp_clock(rec, "fsdpck-load-dcp", "torch.distributed.checkpoint.state_dict_loader", "_load_state_dict"):
+                result = run_flow(flow, storage, ctx=ctx, opts=self.opts, dims=self.dims)
+        finally:
+            phases.set_progress(_silent)
         if ctx.is_rank0:
-            self.dir_bytes["fsdpck"] = workdir.stored_bytes(storage)
-        self.resident["fsdpck"].append(self.drop_dir(storage.root))
-        net2, optim2, trainer2 = rec.phase("fsdpck-setup", lambda: fresh(self.dims, flow, seed=self.seed, ctx=ctx))
-
-        def load() -> None:
-            with dcp_clock(rec, "fsdpck-load-dcp", "torch.distributed.checkpoint.state_dict_loader", "_load_state_dict"):
-                flows.load_into(net2, optim2, storage, flow, rank=ctx.rank, trainer=trainer2)
-            collectives.barrier(ctx)
-
-        rec.phase("fsdpck-load", load)
-        after = rec.phase("read-back", lambda: views(flatten(flows.state_dict(net2, optim2, flow, trainer2)),
-                                                      rank=ctx.rank))
-        saved, loaded = rec.phase("fingerprint", lambda: (summarize(before, ctx=ctx), summarize(after, ctx=ctx)))
-        rows = rec.phase("compare", lambda: compare_round_trip(saved, loaded, ctx=ctx, tol=self.tol, before=before,
-                                                               after=after))
-        rec.phase("manifest", lambda: manifest_for(summarize(before, ctx=ctx, stats=True), ctx=ctx, flow=flow,
-                                                   dims=self.dims, seed=self.seed).encode())
-        self.verified.append(bool(rows) and all(r.status == MATCH for r in rows))
-        del net2, optim2, trainer2, after, saved, loaded, rows
+            self.dir_bytes["fsdpck"] = result.bytes_written
+        # Verified, and what was saved is the trained state every repetition starts from.
+        same = all(row.saved == self.reference[row.key].value for row in result.rows if row.key in self.reference)
+        self.verified.append(bool(result.rows) and result.exit_code == 0 and same)
+        self.elementwise.append(result.elementwise)
+        del result
         release_memory(ctx)
         rec.barrier()
         if ctx.is_rank0:
@@ -346,16 +358,17 @@ class Bench:
         rec.sync()
         rec.memory.start()  # CUDA's peak statistics start after the warm-up's few bytes
 
-        # The state every repetition saves, built once as `fsdpck verify` builds it; as verify does, the
-        # model and optimizer go once their state dict exists (for FSDP2 it holds their very tensors).
+        # The trained state, once: its fingerprints (what every repetition's save must hold: training is
+        # seeded) and this rank's bytes; it goes before the repetitions, each of which trains its own.
         net, optim, trainer = rec.phase("step", lambda: trained(self.dims, self.flow, seed=self.seed, ctx=ctx))
-        self.state, self.before = rec.phase("state-dict", lambda: self.state_of(net, optim, trainer))
-        del net, optim, trainer
-        release_memory(ctx)
-        self.reference = summarize(self.before, ctx=ctx)  # untimed: the keys, and what the bare load is compared with
-        held = local_bytes(self.before)
+        state, before = rec.phase("state-dict", lambda: self.state_of(net, optim, trainer))
+        self.reference = summarize(before, ctx=ctx)  # untimed
+        held = local_bytes(before)
         self.written = sum(t.numel() * t.element_size()  # this rank's share of the checkpoint: its counted pieces
-                           for v in self.before.values() if v.counted for _, t in v.pieces)
+                           for v in before.values() if v.counted for _, t in v.pieces)
+        mdl.release(net)
+        del net, optim, trainer, state, before
+        release_memory(ctx)
 
         stopped_early, longest, rep_started = None, 0.0, time.perf_counter()
         for rep in range(args.reps):
@@ -385,11 +398,13 @@ class Bench:
         mine = {"rank": ctx.rank, "once": rec.reps[0], "reps": rec.reps[1:], "rss_peak": rss_peak,
                 "cuda_peak": cuda_peak, "rss_baseline": ctx.baseline_rss, "rss_warm": warm_rss, "held": held,
                 "written": self.written, "copy_bytes": copy_bytes, "copy_s": copy_s, "resident": self.resident,
-                "verified": all(self.verified), "bare_matched": all(self.bare_matched)}
+                "verified": all(self.verified), "bare_matched": all(self.bare_matched),
+                "elementwise": all(self.elementwise)}
         ranks = collectives.all_gather_json(ctx, mine)
         return {**self.describe(fs, stopped_early), "ranks": ranks,
                 "checkpoint_dir_bytes": collectives.broadcast_json(ctx, self.dir_bytes),
                 "verified": all(r["verified"] for r in ranks),
+                "saved_copy_kept": all(r["elementwise"] for r in ranks),
                 "bare_load_matched": all(r["bare_matched"] for r in ranks)}
 
     def describe(self, fs: dict[str, Any], stopped_early: str | None) -> dict[str, Any]:

@@ -11,11 +11,12 @@ from pathlib import Path
 from conftest import REPO, check_envelope, load_json, run
 
 BENCH = str(REPO / "scripts" / "bench.py")
-PHASES = {"raw-write", "raw-read", "bare-save", "bare-setup", "bare-get-state-dict", "bare-load", "bare-set-state-dict",
-          "bare-resume", "fsdpck-save", "fsdpck-save-dcp", "fsdpck-setup", "fsdpck-load", "fsdpck-load-dcp",
-          "read-back", "fingerprint", "compare", "manifest"}
-FSDPCK_PHASES = {"step", "state-dict", "fsdpck-save", "fsdpck-setup", "fsdpck-load", "read-back", "fingerprint",
-                 "compare", "manifest"}
+PHASES = {"raw-write", "raw-read", "bare-step", "bare-state-dict", "bare-save", "bare-setup", "bare-get-state-dict",
+          "bare-load", "bare-set-state-dict", "bare-resume", "fsdpck-step", "fsdpck-state-dict", "fsdpck-save",
+          "fsdpck-save-dcp", "fsdpck-setup", "fsdpck-load", "fsdpck-load-dcp", "fsdpck-read-back",
+          "fsdpck-fingerprint", "fsdpck-compare"}
+FSDPCK_PHASES = {"step", "state-dict", "fsdpck-step", "fsdpck-state-dict", "fsdpck-save", "fsdpck-setup",
+                 "fsdpck-load", "fsdpck-read-back", "fsdpck-fingerprint", "fsdpck-compare"}
 RATIOS = {"save_vs_bare", "load_vs_bare", "load_dcp_vs_bare", "load_vs_resume", "save_vs_disk", "load_vs_disk",
           "check_cost", "fingerprint_gbps_per_rank", "fingerprint_gb_per_cpu_s", "fingerprint_vs_copy"}
 REPS = 2  # both orders: fsdpck's pair first in repetition 0, bare DCP's first in repetition 1
@@ -89,7 +90,8 @@ def test_bench_world_size_1_reports_every_phase_and_figure(tmp_path: Path):
     memory = doc["memory"]
     (mem,) = memory["per_rank"]
     assert mem["share_bytes"] == doc["state_bytes"]
-    assert 0 < mem["rss_baseline"] <= mem["rss_peak"] and 0 < mem["rss_warm"] <= mem["rss_peak"]
+    # Not rss_warm <= rss_peak: at a tiny size the phases may peak below the RSS right after the warm-up.
+    assert 0 < mem["rss_baseline"] <= mem["rss_peak"] and mem["rss_warm"] > 0
     assert mem["rss_ratio"] == (mem["rss_peak"] - mem["rss_warm"]) / mem["share_bytes"]
     assert mem["peak_phase"] in FSDPCK_PHASES and mem["process"]["peak_phase"] in mem["phases"]
     assert mem["process"]["rss_peak"] >= mem["rss_peak"]
