@@ -13,6 +13,11 @@ be modified; a test that injects a fault copies one first (:func:`copy_ckpt`).
 * :func:`fsdpck_save_ckpt`: ``python -m fsdpck save`` output with fsdpck's own manifest.
 * :func:`synthetic_ckpt`: N keys in DCP's own metadata classes, built without N torch.save
   calls (for the 10,000-key test).
+* :func:`chunked_ckpt`: tensors stored as a grid of chunks over two files, as a save at several
+  ranks stores them (for ``show --slice`` and piece-by-piece reads), in DCP's own classes.
+* :func:`resume_ckpt`: model and Adam state named as DCP's state-dict API names them, saved
+  without a process group; ``faults=True`` plants what ``inspect --stats`` must name
+  (:data:`PLANTED`): NaN and +Inf, zeroed moments, a step that disagrees, lr 0, state lost.
 
 Faults and hostile input: :func:`flip_byte_in_tensor` (one bit of a tensor's stored data),
 :func:`replace_byte_item` (another value for a byte item, e.g. an lr), :func:`rewrite_metadata`
@@ -20,8 +25,8 @@ Faults and hostile input: :func:`flip_byte_in_tensor` (one bit of a tensor's sto
 a marker file if anything runs them), :class:`Recorder` (the globals a trusted pickle names)
 and :func:`load_metadata_file` (a file through fsdpck's restricted unpickler).
 
-Used by tests/unit/ (no process group: plain_ckpt, torch_save_ckpt, synthetic_ckpt) and
-tests/integration/ (fsdp2_ckpts, fsdpck_save_ckpt).
+Used by tests/unit/ (no process group: plain_ckpt, torch_save_ckpt, synthetic_ckpt, chunked_ckpt,
+resume_ckpt) and tests/integration/ (fsdp2_ckpts, fsdpck_save_ckpt).
 """
 
 from __future__ import annotations
@@ -370,3 +375,110 @@ def synthetic_ckpt(path: Path, n_keys: int) -> list[str]:
     with open(path / ".metadata", "wb") as f:
         pickle.dump(md, f)
     return keys
+
+
+def chunked_ckpt(path: Path, tensors: dict[str, tuple[Any, tuple[int, ...]]], *, extra: dict[str, Any] | None = None
+                 ) -> Path:
+    """A loadable DCP checkpoint whose tensor ``key`` is stored as a grid of chunks: ``grid[d]`` (near-)equal
+    parts along dim d, written alternately to ``__0_0.distcp`` and ``__1_0.distcp`` as ``torch.save`` blobs
+    (what FileSystemWriter writes). ``extra``: byte items (``torch.save``d values) beside them."""
+    import itertools
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    path.mkdir(parents=True)
+    files = {"__0_0.distcp": bytearray(), "__1_0.distcp": bytearray()}
+    names = list(files)
+    sdm, storage = {}, {}
+    n = 0
+
+    def put(blob: bytes) -> tuple[str, int]:
+        nonlocal n
+        name = names[n % 2]
+        n += 1
+        offset = len(files[name])
+        files[name] += blob
+        return name, offset
+
+    for key, (value, grid) in tensors.items():
+        edges = [[size * k // parts for k in range(parts + 1)] for size, parts in zip(value.shape, grid)]
+        chunks = []
+        for cell in itertools.product(*[range(len(e) - 1) for e in edges]):
+            offsets = [edges[d][c] for d, c in enumerate(cell)]
+            sizes = [edges[d][c + 1] - edges[d][c] for d, c in enumerate(cell)]
+            piece = value[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))].clone()
+            buf = io.BytesIO()
+            torch.save(piece, buf)
+            name, offset = put(buf.getvalue())
+            chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
+            storage[MetadataIndex(key, offsets)] = _StorageInfo(name, offset, len(buf.getvalue()))
+        sdm[key] = TensorStorageMetadata(properties=TensorProperties(dtype=value.dtype), size=value.shape,
+                                         chunks=chunks)
+    for key, value in (extra or {}).items():
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        name, offset = put(buf.getvalue())
+        sdm[key] = BytesStorageMetadata()
+        storage[MetadataIndex(key)] = _StorageInfo(name, offset, len(buf.getvalue()))
+    for name, data in files.items():
+        (path / name).write_bytes(bytes(data))
+    md = Metadata(state_dict_metadata=sdm, planner_data={k: (k,) for k in sdm}, storage_data=storage,
+                  storage_meta=StorageMeta(checkpoint_id=path), version="1.0.0")
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    return path
+
+
+# What resume_ckpt(faults=True) plants, by suspicious rule: the keys inspect --stats must name.
+PLANTED = {
+    "non-finite": ["model.0.weight"],
+    "zero-moment": ["optim.state.2.weight.exp_avg", "optim.state.2.weight.exp_avg_sq"],
+    "step": ["optim.state.0.bias.step"],
+    "lr": ["optim.param_groups.0.lr"],
+    "state-missing": ["optim.param_groups.0.params"],
+}
+
+
+def resume_state(*, faults: bool) -> dict[str, Any]:
+    """Model and Adam state after two steps, keyed by FQN as ``get_state_dict`` gives them (and FSDP's
+    optimizer state dicts); with ``faults``, what a bad resume leaves (:data:`PLANTED`)."""
+    import math
+
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(torch.randn(5, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        msd, osd = get_state_dict(model, opt)
+    if faults:
+        msd["0.weight"][1, 2] = math.nan
+        msd["0.weight"][0, 0] = math.inf
+        osd["state"]["2.weight"]["exp_avg"].zero_()
+        osd["state"]["2.weight"]["exp_avg_sq"].zero_()
+        osd["state"]["0.bias"]["step"] = torch.tensor(1.0)
+        osd["param_groups"][0]["lr"] = 0.0
+        del osd["state"]["2.bias"]
+    return {"model": msd, "optim": osd}
+
+
+@functools.cache
+def resume_ckpt(faults: bool) -> Path:
+    """A pristine checkpoint of :func:`resume_state` (``dcp.save`` without a process group)."""
+    return dcp_save(resume_state(faults=faults), cache_dir() / f"resume-{'bad' if faults else 'clean'}")

@@ -85,7 +85,7 @@ class CheckpointDir:
 
     storage: Storage
     metadata: CheckpointMetadata | None
-    raw_metadata: Any  # DCP's Metadata object (to read data through DCP); not part of reports
+    raw_metadata: Any  # DCP's Metadata (to read data through DCP); None if unreadable or opened light
     metadata_bytes: int | None
     files: list[FileInfo]
     problems: list[Problem]
@@ -119,8 +119,9 @@ def check_location(storage: Storage, *, what: str = "DIR") -> None:
         raise UsageError(f"{what} {storage.url!r} is a {'file' if kind == FILE else kind}, not a checkpoint dir")
 
 
-def open_checkpoint(storage: Storage, *, what: str = "DIR") -> CheckpointDir:
-    """Read a checkpoint's metadata safely and check its integrity from metadata, listing and sizes alone."""
+def open_checkpoint(storage: Storage, *, what: str = "DIR", light: bool = False) -> CheckpointDir:
+    """Read a checkpoint's metadata safely and check its integrity from metadata, listing and sizes alone
+    (``light``: without DCP's classes, for a look that reads no data; ``raw_metadata`` is then None)."""
     check_location(storage, what=what)
     problems: list[Problem] = []
     notes: list[str] = []
@@ -197,8 +198,9 @@ def open_checkpoint(storage: Storage, *, what: str = "DIR") -> CheckpointDir:
                 raise CheckpointFormatError(f"{source}: {md_info.size} bytes, more than the {METADATA_MAX_BYTES} "
                                             "bytes fsdpck reads as metadata: not read")
             with storage.open_read(METADATA_NAME) as stream:
-                raw = unpickler.load_metadata(stream, size=md_info.size or 0, source=source)
-            md = parse_metadata(raw, source=source)
+                raw = unpickler.load_metadata(stream, size=md_info.size or 0, source=source, light=light)
+            md = parse_metadata(raw, source=source, light=light)
+            raw = None if light else raw
         except CheckpointFormatError as e:
             raw = md = None
             problems.append(Problem(P_METADATA, e.message, file=METADATA_NAME))

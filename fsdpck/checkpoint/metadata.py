@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fsdpck.checkpoint.unpickler import record_class
 from fsdpck.errors import CheckpointFormatError
 
 KIND_TENSOR = "tensor"
@@ -117,18 +118,22 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
     return tuple(_int(v, what) for v in value)
 
 
-def parse_metadata(md: Any, *, source: str) -> CheckpointMetadata:
-    """Turn DCP ``Metadata`` into :class:`CheckpointMetadata`; CheckpointFormatError for anything malformed."""
+def parse_metadata(md: Any, *, source: str, light: bool = False) -> CheckpointMetadata:
+    """Turn DCP ``Metadata`` (``light``: the unpickler's records of it) into :class:`CheckpointMetadata`;
+    CheckpointFormatError for anything malformed."""
     try:
-        return _parse(md, source)
+        return _parse(md, source, light)
     except CheckpointFormatError:
         raise
     except Exception as e:  # a field missing or of a wrong type somewhere in a crafted object graph
         raise CheckpointFormatError(f"{source}: malformed DCP metadata: {type(e).__name__}") from None
 
 
-def _parse(md: Any, source: str) -> CheckpointMetadata:
-    import torch
+def _classes(light: bool) -> tuple[type, type, type, type, type]:
+    """(Metadata, MetadataIndex, _StorageInfo, TensorStorageMetadata, BytesStorageMetadata): DCP's, or the records."""
+    if light:
+        return tuple(record_class(n) for n in ("Metadata", "MetadataIndex", "_StorageInfo", "TensorStorageMetadata",
+                                               "BytesStorageMetadata"))  # type: ignore[return-value]
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
@@ -136,6 +141,14 @@ def _parse(md: Any, source: str) -> CheckpointMetadata:
         MetadataIndex,
         TensorStorageMetadata,
     )
+
+    return Metadata, MetadataIndex, _StorageInfo, TensorStorageMetadata, BytesStorageMetadata
+
+
+def _parse(md: Any, source: str, light: bool) -> CheckpointMetadata:
+    import torch
+
+    Metadata, MetadataIndex, _StorageInfo, TensorStorageMetadata, BytesStorageMetadata = _classes(light)
 
     if not isinstance(md, Metadata):
         raise CheckpointFormatError(f"{source}: holds a {type(md).__name__}, not DCP Metadata")

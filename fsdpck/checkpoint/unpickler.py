@@ -21,6 +21,14 @@ What an admitted name resolves to can only make fresh objects; it cannot be chan
 So a pickle can set attributes only on instances it created itself, and no global state
 changes. The unpickler reads from a stream whose reads are clamped to the bytes the file
 really has left: a length field claiming more is an error, never an allocation.
+
+``light=True`` (``inspect`` without data reads) admits exactly the same names, but DCP's classes
+resolve to sealed *records* of fsdpck's own (:class:`Record`): plain holders of the fields the
+pickle gives, built only by ``NEWOBJ`` without arguments and filled only by a ``BUILD`` with a
+dict of string keys (TensorProperties: its 5-tuple). Nothing of ``torch.distributed.checkpoint``
+is imported then — its package imports DTensor's operator tables and FSDP, about as long as
+``import torch`` itself (docs/benchmarks.md, "Offline reads") — and nothing of DCP can be
+reached from the records. ``fsdpck.checkpoint.metadata.parse_metadata`` reads either kind.
 """
 
 from __future__ import annotations
@@ -107,6 +115,77 @@ def _stand_in(real: type) -> type:
     return _Sealed(real.__name__, (real,), {"__new__": __new__, "__slots__": (), "__module__": __name__})
 
 
+class Record(metaclass=_Sealed):
+    """A DCP metadata object as plain data (light mode): the fields its pickle gave, and no behaviour."""
+
+    __slots__ = ("__dict__",)
+    __hash__ = None  # type: ignore[assignment]  # as DCP's dataclasses (frozen MetadataIndex aside)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:  # DCP's metadata pickles build these with NEWOBJ and no arguments
+            raise pickle.UnpicklingError(f"refused to build {cls.__name__} with arguments")
+        return object.__new__(cls)
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict) or not all(type(k) is str for k in state):
+            raise pickle.UnpicklingError(f"{type(self).__name__}: a state of a {type(state).__name__}, not fields")
+        self.__dict__.update(state)
+
+    def __reduce__(self):  # never pickled anywhere
+        raise TypeError(f"{type(self).__name__} record is not picklable")
+
+
+class _PropertiesRecord(Record):
+    """DCP's TensorProperties pickles its fields as a tuple (its own ``__getstate__``)."""
+
+    __slots__ = ()
+    FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != len(self.FIELDS):
+            raise pickle.UnpicklingError(f"TensorProperties: a state of a {type(state).__name__}, not 5 fields")
+        self.__dict__.update(zip(self.FIELDS, state))
+
+
+class _IndexRecord(Record):
+    """DCP's MetadataIndex is a frozen dataclass: equal and hashed by (fqn, offset), as dict keys need."""
+
+    __slots__ = ()
+
+    def _key(self) -> tuple[Any, Any]:
+        return getattr(self, "fqn", None), getattr(self, "offset", None)
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(self._key())
+
+
+# The defaults of DCP's dataclass fields (class attributes there: a field a pickle leaves out reads as
+# its default), as torch 2.11-2.13 define them; fields with a default factory are absent here.
+RECORD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Metadata": {"planner_data": None, "storage_data": None, "storage_meta": None, "version": None},
+    "MetadataIndex": {"offset": None, "index": None},
+    "StorageMeta": {"checkpoint_id": None, "save_id": None, "load_id": None},
+    "_StorageInfo": {"transform_descriptors": None},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def record_class(name: str) -> type:
+    """The sealed record class that stands for DCP's class ``name`` in light mode."""
+    base = {"TensorProperties": _PropertiesRecord, "MetadataIndex": _IndexRecord}.get(name, Record)
+    return _Sealed(name, (base,), {"__slots__": (), "__module__": __name__, **RECORD_DEFAULTS.get(name, {})})
+
+
+def _memory_format_code(value: Any) -> int:
+    """``_MEM_FORMAT_ENCODING(value)`` in light mode: the enum's value itself, one of its three."""
+    if type(value) is not int or not 0 <= value <= 2:
+        raise pickle.UnpicklingError(f"{value!r} is not a memory format code")
+    return value
+
+
 def _layout_from_name(name: Any) -> Any:
     """``torch.serialization._get_layout``: only a known layout's name, nothing else."""
     import torch
@@ -125,18 +204,20 @@ def _memory_format_encoding(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def resolve(module: str, name: str) -> Any:
+def resolve(module: str, name: str, light: bool = False) -> Any:
     """What a .metadata pickle gets for the global ``module.name``, or None when it is not admitted."""
     import torch
 
     origin = ADMITTED.get((module, name))
+    if origin == "dcp class" and light:
+        return record_class(name)
     if origin == "dcp class":
         import torch.distributed.checkpoint.filesystem as dcp_fs
         import torch.distributed.checkpoint.metadata as dcp_md
 
         return _stand_in(getattr(dcp_md if module == _DCP_METADATA else dcp_fs, name))
     if origin == "memory format enum":
-        return _Constructor(_memory_format_encoding, f"{module}.{name}")
+        return _Constructor(_memory_format_code if light else _memory_format_encoding, f"{module}.{name}")
     if origin == "torch.Size":
         return torch.Size
     if origin == "OrderedDict":
@@ -159,12 +240,13 @@ def resolve(module: str, name: str) -> Any:
 class RestrictedUnpickler(pickle.Unpickler):
     """Admits only the classes DCP metadata is made of; anything else is refused by name, uncalled."""
 
-    def __init__(self, file: BinaryIO, *, source: str):
+    def __init__(self, file: BinaryIO, *, source: str, light: bool = False):
         super().__init__(file)
         self.source = source
+        self.light = light
 
     def find_class(self, module: str, name: str) -> Any:
-        obj = resolve(module, name)
+        obj = resolve(module, name, self.light)
         if obj is None:
             raise CheckpointFormatError(
                 f"{self.source}: refused to unpickle {module}.{name}: it is not one of the classes DCP "
@@ -199,17 +281,20 @@ class ClampedReader(io.RawIOBase):
         return data
 
 
-def load_metadata(stream: BinaryIO, *, size: int, source: str) -> Any:
-    """The DCP ``Metadata`` in a ``.metadata`` stream of ``size`` bytes, unpickled safely.
+def load_metadata(stream: BinaryIO, *, size: int, source: str, light: bool = False) -> Any:
+    """The DCP ``Metadata`` in a ``.metadata`` stream of ``size`` bytes, unpickled safely (``light``: as records).
 
     Raises CheckpointFormatError for anything that is not a readable DCP metadata pickle.
     """
-    from torch.distributed.checkpoint.metadata import Metadata
+    if light:
+        Metadata = record_class("Metadata")
+    else:
+        from torch.distributed.checkpoint.metadata import Metadata
 
     if size <= 0:
         raise CheckpointFormatError(f"{source}: empty file (0 bytes): not DCP metadata")
     try:
-        obj = RestrictedUnpickler(io.BufferedReader(ClampedReader(stream, size)), source=source).load()
+        obj = RestrictedUnpickler(io.BufferedReader(ClampedReader(stream, size)), source=source, light=light).load()
     except CheckpointFormatError:
         raise
     except RecursionError:

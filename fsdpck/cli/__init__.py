@@ -69,6 +69,8 @@ def cli() -> None:
       fsdpck verify -n 2                                  # pre-flight round trip at 2 ranks, exact exit code
       torchrun --nproc_per_node=2 -m fsdpck verify        # the same under torchrun
       fsdpck inspect ./ck-4 --verify-data                 # what is in a checkpoint, is it whole and right
+      fsdpck inspect ./ck-4 --stats --strict              # NaNs, zero moments, steps, lr: fails if suspicious
+      fsdpck show ./ck-4 optim.state.net1.0.weight.exp_avg --slice 0:2,:4
       fsdpck diff ./ck-4 ./ck-2                           # how two checkpoints differ (exit 1)
 
     Exit codes: 0 verified, 1 difference or integrity problem, 2 usage or set-up
@@ -80,9 +82,10 @@ def cli() -> None:
 from fsdpck.cli import diff as _diff  # noqa: E402  (the commands register themselves on ``cli``)
 from fsdpck.cli import inspect as _inspect  # noqa: E402
 from fsdpck.cli import saveload as _saveload  # noqa: E402
+from fsdpck.cli import show as _show  # noqa: E402
 from fsdpck.cli import verify as _verify  # noqa: E402
 
-for _module in (_verify, _saveload, _inspect, _diff):
+for _module in (_verify, _saveload, _inspect, _show, _diff):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

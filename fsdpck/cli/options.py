@@ -15,8 +15,10 @@ import click
 
 from fsdpck.errors import UsageError
 from fsdpck.report.console import make_console, print_verdict
+from fsdpck.report.progress import view as progress_view
 from fsdpck.runtime.files import write_json_target
 from fsdpck.runtime import launch
+from fsdpck.runtime.progress import Progress, after_from_env, every_from_env
 from fsdpck.runtime.dist import launched_by_torchrun
 from fsdpck.runtime.runner import Presentation, run_distributed
 from fsdpck.state import registry
@@ -193,6 +195,18 @@ def launch_if_asked(nproc: int | None) -> None:
     if launched_by_torchrun():
         raise click.UsageError("-n/--nproc-per-node starts its own workers; it cannot be used under torchrun", ctx=ctx)
     ctx.exit(launch.run_workers(nproc, list(ctx.find_root().command.raw_args)))
+
+
+def offline_progress() -> Progress:
+    """Progress for an offline command's reads, on stderr; checks FSDPCK_PROGRESS_* (exit 2 when malformed).
+
+    Also asks torch's CPU allocator for transparent huge pages (``THP_MEM_ALLOC_ENABLE``, unless
+    the user set it): the reads allocate a tensor per stored chunk, and on 4 KiB pages the page
+    faults of fresh memory cost more than the read itself (docs/benchmarks.md, "Offline reads").
+    Torch reads the variable at its first allocation, so this runs before torch is imported.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    return Progress(progress_view(make_console(stderr=True), every_s=every_from_env()), after_s=after_from_env())
 
 
 def emit(document: dict[str, Any], json_target: str | None, renderable: Any, verdict: str) -> None:

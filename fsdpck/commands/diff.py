@@ -1,9 +1,12 @@
 """``fsdpck diff A B``: two checkpoints key by key — keys, kinds, shapes, dtypes, then data.
 
 Data are compared by fingerprint, which does not depend on how a tensor was chunked, so A and
-B may come from different world sizes and layouts. With ``--values``, tensors whose data
-differ are read again in pairs for the element-level difference, one key's A and B in memory
-at a time.
+B may come from different world sizes and layouts; both are read a stored piece at a time, in
+parallel (``fsdpck.checkpoint.stream``). With ``--values``, tensors whose data differ are read
+again box by box (A's stored chunks; the same box of B through DCP's read planning) for the
+element-level difference: two boxes in memory at a time. With ``--atol``/``--rtol`` (verify's
+meaning: an element differs when its bits differ and |A − B| > atol + rtol·|B|), a key whose
+every element is within them is ``within tolerance``, not a difference.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fsdpck.checkpoint.integrity import CheckpointDir, Problem, check_location, open_checkpoint
-from fsdpck.checkpoint.metadata import KIND_BYTES, KIND_TENSOR, KeyInfo
-from fsdpck.checkpoint.reader import READ_BATCH_BYTES, CheckpointReader, ReadFailed
+from fsdpck.checkpoint.metadata import KIND_TENSOR, KeyInfo
 from fsdpck.checkpoint.storage import open_storage
-from fsdpck.commands.offline import byte_item, select_keys, tensor_fingerprint
+from fsdpck.checkpoint.stream import Box, Request, read_pieces
+from fsdpck.commands.offline import read_items, select_keys
 from fsdpck.runtime import pywarnings
+from fsdpck.runtime.progress import NO_PROGRESS, Progress
+from fsdpck.state.compare import Tolerance
 
 D_SAME = "same"
 D_DIFFERENT = "DIFFERENT"
@@ -28,6 +33,7 @@ D_KIND = "KIND DIFFERS"
 D_SHAPE = "SHAPE DIFFERS"
 D_DTYPE = "DTYPE DIFFERS"
 D_UNREADABLE = "UNREADABLE"
+D_CLOSE = "within tolerance"  # fingerprints differ, every element within --atol/--rtol: not a difference
 DIFF_BLOCK_NUMEL = 1 << 20  # elements compared at a time for --values (float64 temporaries of 8 MiB)
 
 
@@ -76,16 +82,19 @@ class DiffResult:
     problems: list[Problem]  # integrity problems of either side; each message starts "A: " or "B: "
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    tolerance: Tolerance = Tolerance()
 
     @property
     def differing(self) -> list[DiffRow]:
-        return [r for r in self.rows if r.status != D_SAME]
+        return [r for r in self.rows if r.status not in (D_SAME, D_CLOSE)]
 
     @property
     def status(self) -> str:
         if self.problems:
             return "PROBLEMS"
-        return "DIFFERENT" if self.differing else "IDENTICAL"
+        if self.differing:
+            return "DIFFERENT"
+        return "WITHIN TOLERANCE" if self.count(D_CLOSE) else "IDENTICAL"
 
     @property
     def exit_code(self) -> int:
@@ -96,8 +105,12 @@ class DiffResult:
 
 
 def diff_checkpoints(location_a: str, location_b: str, *, key_glob: str | None = None, values: bool = False,
-                     batch_bytes: int = READ_BATCH_BYTES) -> DiffResult:
-    """Compare two checkpoints key by key: keys, kinds, shapes, dtypes, then data by fingerprint."""
+                     atol: float = 0.0, rtol: float = 0.0, progress: Progress = NO_PROGRESS,
+                     threads: int | None = None) -> DiffResult:
+    """Compare two checkpoints key by key: keys, kinds, shapes, dtypes, then data by fingerprint
+    (``values``: and element by element where the fingerprints differ; a tolerance implies it)."""
+    tolerance = Tolerance(atol=atol, rtol=rtol)
+    values = values or not tolerance.bitwise
     t0 = time.perf_counter()
     storage_a, storage_b = open_storage(location_a, what="A"), open_storage(location_b, what="B")
     check_location(storage_a, what="A")
@@ -134,8 +147,8 @@ def diff_checkpoints(location_a: str, location_b: str, *, key_glob: str | None =
                 to_read.append(key)
             rows[key] = row
 
-        digests_a = _digests(ckpt_a, [keys_a[k] for k in to_read], batch_bytes)
-        digests_b = _digests(ckpt_b, [keys_b[k] for k in to_read], batch_bytes)
+        digests_a = _digests(ckpt_a, [keys_a[k] for k in to_read], progress, "diff: reading A", threads)
+        digests_b = _digests(ckpt_b, [keys_b[k] for k in to_read], progress, "diff: reading B", threads)
         for key in to_read:
             row = rows[key]
             (fa, err_a), (fb, err_b) = digests_a[key], digests_b[key]
@@ -146,7 +159,8 @@ def diff_checkpoints(location_a: str, location_b: str, *, key_glob: str | None =
             elif fa != fb:
                 row.status = D_DIFFERENT
         if values:
-            _values(ckpt_a, ckpt_b, [rows[k] for k in to_read if rows[k].status == D_DIFFERENT], keys_a, keys_b)
+            _values(ckpt_a, ckpt_b, [rows[k] for k in to_read if rows[k].status == D_DIFFERENT], keys_a, keys_b,
+                    tolerance, progress, threads)
         t_end = time.perf_counter()
 
     def side(ckpt: CheckpointDir) -> DiffSide:
@@ -159,31 +173,34 @@ def diff_checkpoints(location_a: str, location_b: str, *, key_glob: str | None =
     return DiffResult(a=side(ckpt_a), b=side(ckpt_b), key_glob=key_glob, values=values, rows=list(rows.values()),
                       problems=problems,
                       timings={"open_s": t_open - t0, "read_s": t_end - t_open, "total_s": t_end - t0},
-                      warnings=pywarnings.distinct(seen))
+                      warnings=pywarnings.distinct(seen), tolerance=tolerance)
 
 
-def _digests(ckpt: CheckpointDir, infos: list[KeyInfo], batch_bytes: int) -> dict[str, tuple[str | None, str | None]]:
+def _digests(ckpt: CheckpointDir, infos: list[KeyInfo], progress: Progress, label: str,
+             threads: int | None) -> dict[str, tuple[str | None, str | None]]:
     """key -> (fingerprint or byte-item digest, error)."""
-    if ckpt.raw_metadata is None:
+    if ckpt.raw_metadata is None and ckpt.format == "dcp":
         return {i.key: (None, "metadata unreadable") for i in infos}
     bad = ckpt.problem_keys()
     out: dict[str, tuple[str | None, str | None]] = {i.key: (None, "integrity problem (see problems)")
                                                      for i in infos if i.key in bad}
-    reader = CheckpointReader(ckpt)
-    tensors = [i for i in infos if i.kind == KIND_TENSOR and i.key not in out]
-    for info, tensor, error in reader.tensors(tensors, batch_bytes=batch_bytes):
-        out[info.key] = (None, error) if error else (tensor_fingerprint(tensor), None)
-        del tensor
-    for info, raw, error in reader.byte_items([i for i in infos if i.kind == KIND_BYTES and i.key not in out]):
-        out[info.key] = (None, error) if error else (byte_item(raw, key=info.key).digest, None)
+    read = read_items(ckpt, [i for i in infos if i.key not in out], progress=progress, label=label, threads=threads)
+    for key, got in read.items():
+        if got.error is not None:
+            out[key] = (None, got.error)
+        else:
+            out[key] = (got.fingerprint if got.item is None else got.item.digest, None)
     return out
 
 
-def element_diff(a: Any, b: Any, *, block_numel: int = DIFF_BLOCK_NUMEL) -> dict[str, Any]:
-    """Elements, differing elements, the first differing global index, max |Δ| and max relative |Δ|.
+def element_diff(a: Any, b: Any, *, tolerance: Tolerance = Tolerance(), block_numel: int = DIFF_BLOCK_NUMEL
+                 ) -> dict[str, Any]:
+    """Elements, differing elements, the first differing (row-major) index, max |Δ| and max relative |Δ|.
 
     Elements differ as the fingerprint sees them: by their raw bits (−0.0 against 0.0 and two NaN
-    payloads differ, with a |Δ| of 0 and infinity); a NaN against a number counts infinite.
+    payloads differ, with a |Δ| of 0 and infinity); a NaN against a number counts infinite. With a
+    tolerance, an element whose bits differ still counts as the same when |a − b| <= atol + rtol·|b|
+    (as in verify). max |Δ| and max relative |Δ| are over the elements that count as differing.
     """
     import torch
 
@@ -203,6 +220,10 @@ def element_diff(a: Any, b: Any, *, block_numel: int = DIFF_BLOCK_NUMEL) -> dict
         else:
             wx, wy = xs.to(wide), ys.to(wide)
             neq = ~((wx == wy) | (torch.isnan(wx) & torch.isnan(wy)))
+        if not tolerance.bitwise and bool(neq.any()):
+            dx, dy = xs[neq].to(wide), ys[neq].to(wide)
+            close = (dx - dy).abs() <= tolerance.atol + tolerance.rtol * dy.abs()
+            neq[neq.clone()] = ~close
         n = int(neq.sum())
         if not n:
             continue
@@ -220,22 +241,61 @@ def element_diff(a: Any, b: Any, *, block_numel: int = DIFF_BLOCK_NUMEL) -> dict
 
 
 def _values(ckpt_a: CheckpointDir, ckpt_b: CheckpointDir, rows: list[DiffRow], keys_a: dict[str, KeyInfo],
-            keys_b: dict[str, KeyInfo]) -> None:
-    """--values for tensor keys whose data differ: one key's A and B in memory at a time."""
-    reader_a, reader_b = CheckpointReader(ckpt_a), CheckpointReader(ckpt_b)
+            keys_b: dict[str, KeyInfo], tolerance: Tolerance, progress: Progress, threads: int | None) -> None:
+    """--values for tensor keys whose data differ: box by box (A's stored chunks), two boxes in memory at a time."""
     for row in rows:
-        if keys_a[row.key].kind != KIND_TENSOR:
+        info_a, info_b = keys_a[row.key], keys_b[row.key]
+        if info_a.kind != KIND_TENSOR:
             continue
         try:
-            ta = reader_a.tensor(keys_a[row.key])
-            tb = reader_b.tensor(keys_b[row.key])
-            row.values = element_diff(ta, tb)
-            if row.values["first_index"] is not None:
-                row.values["first_index"] = _unravel(row.values["first_index"], keys_a[row.key].shape or ())
-        except ReadFailed as e:
+            row.values = _key_values(ckpt_a, ckpt_b, info_a, info_b, tolerance, progress, threads)
+        except _Unreadable as e:
             row.detail = f"values not compared: {e}"
-        finally:
-            ta = tb = None  # noqa: F841 (free both before the next key)
+            continue
+        if not tolerance.bitwise and row.values["differing"] == 0:
+            row.status = D_CLOSE
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _key_values(ckpt_a: CheckpointDir, ckpt_b: CheckpointDir, info_a: KeyInfo, info_b: KeyInfo, tolerance: Tolerance,
+                progress: Progress, threads: int | None) -> dict[str, Any]:
+    import torch
+
+    shape = info_a.shape or ()
+    dtype_a, dtype_b = getattr(torch, info_a.dtype or ""), getattr(torch, info_b.dtype or "")
+    boxes = sorted({(c.offsets, c.sizes) for c in info_a.chunks if c.numel}) or [(Box.whole(shape).offsets, shape)]
+    total = {"elements": math.prod(shape), "differing": 0, "first_index": None, "max_abs_diff": 0.0,
+             "max_rel_diff": 0.0}
+    first_linear = None
+    for offsets, sizes in boxes:
+        box = Box(tuple(offsets), tuple(sizes))
+        a, b = torch.empty(box.sizes, dtype=dtype_a), torch.empty(box.sizes, dtype=dtype_b)
+        for ckpt, info, into, side in ((ckpt_a, info_a, a, "A"), (ckpt_b, info_b, b, "B")):
+            errors = read_pieces(ckpt, [Request(info, box, into=into)], progress=progress,
+                                 label=f"diff --values: reading {side}", threads=threads)
+            if errors:
+                raise _Unreadable(f"{side}: {errors[info.key]}")
+        d = element_diff(a, b, tolerance=tolerance)
+        del a, b
+        total["differing"] += d["differing"]
+        total["max_abs_diff"] = max(total["max_abs_diff"], d["max_abs_diff"])
+        total["max_rel_diff"] = max(total["max_rel_diff"], d["max_rel_diff"])
+        if d["first_index"] is not None:
+            index = [o + i for o, i in zip(box.offsets, _unravel(d["first_index"], box.sizes))]
+            linear = _ravel(index, shape)
+            if first_linear is None or linear < first_linear:
+                first_linear, total["first_index"] = linear, index
+    return total
+
+
+def _ravel(index: list[int], shape: tuple[int, ...]) -> int:
+    out = 0
+    for i, n in zip(index, shape):
+        out = out * n + i
+    return out
 
 
 def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:

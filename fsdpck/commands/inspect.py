@@ -1,5 +1,6 @@
-"""``fsdpck inspect``: what is in any DCP checkpoint, whether it is whole, and (with --verify-data)
-whether its data are what the manifest says — one process, no process group, read safely.
+"""``fsdpck inspect``: what is in any DCP checkpoint, whether it is whole, (with --verify-data)
+whether its data are what the manifest says, and (with --stats) what its values look like and
+what is suspicious about them — one process, no process group, read safely, a piece at a time.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from fsdpck.checkpoint.integrity import (
 )
 from fsdpck.checkpoint.manifest import KIND_OBJECT, KIND_TENSOR, MANIFEST_NAME, Manifest
 from fsdpck.checkpoint.metadata import KIND_BYTES, ChunkInfo, KeyInfo
-from fsdpck.checkpoint.reader import READ_BATCH_BYTES, CheckpointReader
 from fsdpck.checkpoint.storage import open_storage
-from fsdpck.commands.offline import byte_item, select_keys, tensor_fingerprint
+from fsdpck.commands.offline import read_items, select_keys
+from fsdpck.commands.stats import ValueStats
+from fsdpck.commands.suspicious import KeyFacts, Verdict, judge
 from fsdpck.runtime import pywarnings
+from fsdpck.runtime.progress import NO_PROGRESS, Progress
 
 # Per-key statuses.
 S_OK = "ok"
@@ -50,6 +53,10 @@ class KeyRow:
     expected: str | None = None  # the manifest's fingerprint (tensors) or canonical text (objects)
     value: str | None = None  # byte items: a short repr, when decodable safely
     detail: str | None = None
+    stats: ValueStats | None = None  # --stats: of a tensor's values
+    suspicious: list[str] = field(default_factory=list)  # --stats: "rule: message" of each finding about the key
+    plain: Any = None  # a byte item's value, when it is a plain scalar or a list of them (for the rules)
+    decoded: bool = False  # whether the byte item decoded with weights_only
 
 
 @dataclass(slots=True)
@@ -74,6 +81,13 @@ class InspectResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[dict[str, Any]] = field(default_factory=list)
     readable: bool = True  # whether .metadata could be read at all
+    stats: bool = False
+    strict: bool = False
+    verdict_rules: Verdict | None = None  # --stats: what the suspicious rules found
+
+    @property
+    def suspicious(self) -> list[Any]:
+        return self.verdict_rules.findings if self.verdict_rules is not None else []
 
     @property
     def incomplete(self) -> bool:
@@ -87,23 +101,27 @@ class InspectResult:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.problems else 0
+        return 1 if self.problems or (self.strict and self.suspicious) else 0
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.rows if r.status == status)
 
 
-def inspect_checkpoint(location: str, *, key_glob: str | None = None, verify_data: bool = False,
-                       batch_bytes: int = READ_BATCH_BYTES) -> InspectResult:
-    """Open ``location`` safely, check its integrity, and with ``verify_data`` read and check every item."""
+def inspect_checkpoint(location: str, *, key_glob: str | None = None, verify_data: bool = False, stats: bool = False,
+                       strict: bool = False, progress: Progress = NO_PROGRESS, threads: int | None = None
+                       ) -> InspectResult:
+    """Open ``location`` safely and check its integrity; with ``verify_data`` check every item against the
+    manifest, with ``stats`` describe every value and apply the suspicious rules (``strict``: they fail it)."""
+    stats = stats or strict
     t0 = time.perf_counter()
     storage = open_storage(location)
     check_location(storage)  # a bad path is a usage error before the seconds torch takes to import
     with pywarnings.captured() as seen:
-        import torch.distributed.checkpoint  # noqa: F401 (seconds of imports, timed apart from the work)
+        import torch  # noqa: F401 (a second or more of imports, timed apart from the work)
 
         t_import = time.perf_counter()
-        ckpt = open_checkpoint(storage)
+        # Without data reads, DCP's own classes (and its imports of DTensor and FSDP) are not needed.
+        ckpt = open_checkpoint(storage, light=not (verify_data or stats))
         t_open = time.perf_counter()
         md = ckpt.metadata
         keys = sorted(md.keys) if md is not None else []
@@ -123,8 +141,12 @@ def inspect_checkpoint(location: str, *, key_glob: str | None = None, verify_dat
                 row.expected = entry.fingerprint if entry.kind == KIND_TENSOR else entry.canonical
             rows[key] = row
         problems = list(ckpt.problems)
-        if verify_data and md is not None:
-            problems.extend(_verify_data(ckpt, rows, set(first_problem), batch_bytes=batch_bytes))
+        verdict_rules = None
+        if (verify_data or stats) and md is not None:
+            problems.extend(_read_data(ckpt, rows, set(first_problem), verify_data=verify_data, stats=stats,
+                                       progress=progress, threads=threads))
+            if stats:
+                verdict_rules = _judge(rows, keys)
         t_end = time.perf_counter()
 
     return InspectResult(
@@ -134,8 +156,9 @@ def inspect_checkpoint(location: str, *, key_glob: str | None = None, verify_dat
         files=ckpt.files, manifest=ckpt.manifest, manifest_error=ckpt.manifest_error, key_glob=key_glob,
         rows=list(rows.values()), problems=problems, notes=ckpt.notes, verify_data=verify_data,
         timings={"import_s": t_import - t0, "metadata_and_integrity_s": t_open - t_import,
-                 "verify_data_s": (t_end - t_open) if verify_data else 0.0, "total_s": t_end - t0},
-        warnings=pywarnings.distinct(seen), readable=md is not None,
+                 "read_s": (t_end - t_open) if verify_data or stats else 0.0, "total_s": t_end - t0},
+        warnings=pywarnings.distinct(seen), readable=md is not None, stats=stats, strict=strict,
+        verdict_rules=verdict_rules,
     )
 
 
@@ -144,55 +167,61 @@ def _one_file(info: KeyInfo) -> str | None:
     return files[0] if len(files) == 1 else (", ".join(files) if files else None)
 
 
-def _verify_data(ckpt: CheckpointDir, rows: dict[str, KeyRow], problem_keys: set[str], *,
-                 batch_bytes: int) -> list[Problem]:
-    """Read every selected, integrity-clean item through DCP; check each against the manifest."""
+def _read_data(ckpt: CheckpointDir, rows: dict[str, KeyRow], problem_keys: set[str], *, verify_data: bool,
+               stats: bool, progress: Progress, threads: int | None) -> list[Problem]:
+    """Read every selected, integrity-clean item (a piece at a time); check each against the manifest."""
     md = ckpt.metadata
     problems: list[Problem] = []
-    reader = CheckpointReader(ckpt)
     readable = [md.keys[k] for k in rows if k not in problem_keys]
     manifest_keys = ckpt.manifest.keys if ckpt.manifest is not None else {}
-
-    def unreadable(info: KeyInfo, error: str) -> None:
-        rows[info.key].status, rows[info.key].detail = S_UNREADABLE, error
-        problems.append(Problem(P_UNREADABLE, f"cannot be read: {error}", info.key, _one_file(info)))
-
-    for info, tensor, error in reader.tensors([i for i in readable if i.kind == KIND_TENSOR], batch_bytes=batch_bytes):
-        if error is not None:
-            unreadable(info, error)
+    results = read_items(ckpt, readable, fingerprints=verify_data, stats=stats, progress=progress,
+                         label="inspect: reading", threads=threads)
+    for info in readable:
+        row, got = rows[info.key], results[info.key]
+        if got.error is not None:
+            row.status, row.detail = S_UNREADABLE, got.error
+            problems.append(Problem(P_UNREADABLE, f"cannot be read: {got.error}", info.key, _one_file(info)))
             continue
-        row = rows[info.key]
-        row.fingerprint = tensor_fingerprint(tensor)
-        del tensor
-        entry = manifest_keys.get(info.key)
-        if entry is None or entry.kind != KIND_TENSOR:
-            row.status = S_READ
-        elif row.fingerprint == row.expected:
-            row.status = S_VERIFIED
-        else:
-            row.status = S_MISMATCH
-            row.detail = f"fingerprint {row.fingerprint}, {MANIFEST_NAME} has {row.expected}"
-            problems.append(Problem(P_FINGERPRINT, f"data differs from {MANIFEST_NAME}: fingerprint {row.fingerprint}, "
-                                    f"expected {row.expected}", info.key, _one_file(info)))
-    for info, raw, error in reader.byte_items([i for i in readable if i.kind == KIND_BYTES]):
-        if error is not None:
-            unreadable(info, error)
+        row.status = S_READ
+        row.stats = got.stats
+        entry = manifest_keys.get(info.key) if verify_data else None
+        if info.kind == KIND_TENSOR:
+            row.fingerprint = got.fingerprint
+            if entry is None or entry.kind != KIND_TENSOR:
+                continue
+            if row.fingerprint == row.expected:
+                row.status = S_VERIFIED
+            else:
+                row.status = S_MISMATCH
+                row.detail = f"fingerprint {row.fingerprint}, {MANIFEST_NAME} has {row.expected}"
+                problems.append(Problem(P_FINGERPRINT, f"data differs from {MANIFEST_NAME}: fingerprint "
+                                        f"{row.fingerprint}, expected {row.expected}", info.key, _one_file(info)))
             continue
-        row = rows[info.key]
-        item = byte_item(raw, key=info.key)
+        item = got.item
         row.fingerprint, row.value = item.digest, item.value
-        entry = manifest_keys.get(info.key)
         if entry is None or entry.kind != KIND_OBJECT:
-            row.status = S_READ if item.error is None else S_UNREADABLE
             if item.error is not None:
-                row.detail = item.error
+                row.status, row.detail = S_UNREADABLE, item.error
                 problems.append(Problem(P_UNREADABLE, item.error, info.key, _one_file(info)))
         elif item.canonical == entry.canonical:
             row.status = S_VERIFIED
         else:
             row.status = S_MISMATCH
-            got = item.canonical if item.canonical is not None else f"undecodable ({item.error})"
-            row.detail = f"{got[:80]}, {MANIFEST_NAME} has {entry.canonical[:80]}"
-            problems.append(Problem(P_VALUE, f"value differs from {MANIFEST_NAME}: {got[:120]}, expected "
+            got_text = item.canonical if item.canonical is not None else f"undecodable ({item.error})"
+            row.detail = f"{got_text[:80]}, {MANIFEST_NAME} has {entry.canonical[:80]}"
+            problems.append(Problem(P_VALUE, f"value differs from {MANIFEST_NAME}: {got_text[:120]}, expected "
                                     f"{entry.canonical[:120]}", info.key, _one_file(info)))
+        row.plain = item.plain
+        row.decoded = item.canonical is not None
     return problems
+
+
+def _judge(rows: dict[str, KeyRow], all_keys: list[str]) -> Verdict:
+    """The suspicious rules over what was read; each finding is also noted on the rows it names."""
+    facts = {k: KeyFacts(key=k, kind=r.kind, dtype=r.dtype, shape=r.shape, stats=r.stats, value=r.plain,
+                         decoded=r.decoded) for k, r in rows.items() if r.status in (S_READ, S_VERIFIED, S_MISMATCH)}
+    verdict = judge(facts, all_keys)
+    for key, found in verdict.by_key().items():
+        if key in rows:
+            rows[key].suspicious = [f"{f.rule}: {f.message}" for f in found]
+    return verdict

@@ -31,10 +31,19 @@ def verdict(result: Any = None, *, code: int | None = None, error: str | None = 
     if result.problems:
         return (f"fsdpck diff: PROBLEMS (exit {code}) — {plural(len(result.problems), 'integrity problem')}: "
                 f"{problem_counts(result.problems)}; {len(result.differing):,} of {plural(n, 'key')} differ")
+    close = result.count("within tolerance")
+    if not result.differing and close:
+        return (f"fsdpck diff: WITHIN TOLERANCE (exit 0) — {plural(n, 'key')}: same keys, shapes and dtypes; "
+                f"{close:,} differ only within {_tolerance(result)}")
     if not result.differing:
         return f"fsdpck diff: IDENTICAL (exit 0) — {plural(n, 'key')}: same keys, shapes, dtypes and data"
     what = counts_line(Counter(r.status.lower() if r.status.isupper() else r.status for r in result.differing))
     return f"fsdpck diff: DIFFERENT (exit {code}) — {len(result.differing):,} of {plural(n, 'key')} differ: {what}"
+
+
+def _tolerance(result: Any) -> str:
+    t = result.tolerance
+    return f"--atol {t.atol:g} --rtol {t.rtol:g}"
 
 
 def _pair(a: Any, b: Any, fmt=str) -> str:
@@ -69,7 +78,9 @@ def _values_cell(row: Any) -> str:
     v = row.values
     if not v:
         return "-"
-    return (f"{v['differing']}/{v['elements']} differ, first at {v['first_index']}, max |Δ| "
+    if not v["differing"]:
+        return f"all {v['elements']:,} within tolerance"
+    return (f"{v['differing']:,}/{v['elements']:,} differ, first at {v['first_index']}, max |Δ| "
             f"{fmt_number(v['max_abs_diff'])}, rel {fmt_number(v['max_rel_diff'])}")
 
 
@@ -82,6 +93,8 @@ def render(result: Any) -> Group:
                              f"{plural(side.files, 'file')}{ws})"))
     if result.key_glob is not None:
         sides.append(("--key", repr(result.key_glob)))
+    if not result.tolerance.bitwise:
+        sides.append(("tolerance", f"{_tolerance(result)}: an element differs when |A - B| > atol + rtol·|B|"))
     parts: list[Any] = [key_value_lines(sides)]
     table = LineTable("Keys")
     table.add_column("key", overflow="ellipsis")
@@ -91,7 +104,7 @@ def render(result: Any) -> Group:
     if result.values:
         table.add_column("values", overflow="wrap")
     table.add_column("status", keep=True)
-    same = [r for r in result.rows if r.status == "same"]
+    same = [r for r in result.rows if r.status in ("same", "within tolerance")]
     shown_same = same if len(result.rows) <= MAX_SAME_ROWS else []
     for row in result.differing + shown_same:
         table.add_row(*_diff_cells(row, result.values))
@@ -117,6 +130,7 @@ def document(result: Any = None, *, code: int, error: str | None = None) -> dict
     doc.update({
         "backend": None, "device": "cpu", "a": side(result.a), "b": side(result.b), "key_glob": result.key_glob,
         "values": result.values,
+        "tolerance": {"atol": json_number(result.tolerance.atol), "rtol": json_number(result.tolerance.rtol)},
         "summary": {"status": result.status, "keys": len(result.rows), "differing": len(result.differing),
                     "by_status": dict(Counter(r.status for r in result.rows))},
         "rows": [{"key": r.key, "status": r.status, "kind_a": r.kind_a, "kind_b": r.kind_b,

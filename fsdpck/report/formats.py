@@ -24,7 +24,7 @@ from rich.text import Text
 STATUS_STYLE = {
     # green: fine
     "match": "green", "ok": "green", "verified": "green", "read ok": "green", "same": "green", "MATCH": "green",
-    "clean": "green",
+    "clean": "green", "within tolerance": "green",
     # red: the check failed
     "differs": "bold red", "missing": "bold red", "unexpected": "bold red", "replica-differs": "bold red",
     "PROBLEM": "bold red", "MISMATCH": "bold red", "UNREADABLE": "bold red", "DIFFERENT": "bold red",

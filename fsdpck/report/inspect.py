@@ -1,4 +1,5 @@
-"""``fsdpck inspect``'s result: summary, keys, chunks, files and problems; the verdict; ``fsdpck.inspect/1``."""
+"""``fsdpck inspect``'s result: summary, keys (or their stats), chunks, files, problems, suspicious
+findings; the verdict; ``fsdpck.inspect/1``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from fsdpck.report.formats import (
     plural,
     status_text,
 )
+from fsdpck.report.stats import findings_summary, findings_table, objects_table, stats_json, stats_table, verdict_json
 
 MAX_PROBLEM_ROWS = 200  # more problems than this are summarised in the human report (the JSON has all)
 
@@ -52,11 +54,17 @@ def verdict(result: Any = None, *, code: int | None = None, error: str | None = 
     if error is not None:
         return f"fsdpck inspect: FAILED (exit {code}) — {error}"
     code = result.exit_code
+    suspicious = result.suspicious
+    odd = f"{len(suspicious):,} suspicious: {counts_line(Counter(f.rule for f in suspicious))}" if suspicious else ""
     if result.problems:
         kinds = problem_counts(result.problems)
+        also = f"; {odd}" if odd else ""
         if result.incomplete:
-            return f"fsdpck inspect: INCOMPLETE (exit {code}) — a save that did not finish ({kinds})"
-        return f"fsdpck inspect: PROBLEMS (exit {code}) — {plural(len(result.problems), 'problem')}: {kinds}"
+            return f"fsdpck inspect: INCOMPLETE (exit {code}) — a save that did not finish ({kinds}){also}"
+        return f"fsdpck inspect: PROBLEMS (exit {code}) — {plural(len(result.problems), 'problem')}: {kinds}{also}"
+    if suspicious and result.strict:
+        return (f"fsdpck inspect: SUSPICIOUS (exit {code}) — {odd}; {plural(result.n_keys, 'key')}, whole "
+                "(--strict fails on them)")
     shard_files = sum(1 for f in result.files if f.role == "shard" and f.items)
     line = (f"fsdpck inspect: OK (exit 0) — {plural(result.n_keys, 'key')}, {plural(shard_files, 'file')}, "
             f"{fmt_bytes(result.data_bytes)}, whole")
@@ -66,19 +74,36 @@ def verdict(result: Any = None, *, code: int | None = None, error: str | None = 
             line += f", data verified against fsdpck.json ({verified:,} of {checked:,} keys)"
         else:
             line += f", data readable ({checked:,} keys; no fsdpck.json to check against)"
+    if result.stats:
+        line += f"; {odd} (--strict fails on them)" if suspicious else "; stats: nothing suspicious"
     return line
 
 
 def render(result: Any, *, chunks: bool = False, verbose: bool = False) -> Group:
     """The human report: summary, keys, (chunks), files, problems."""
     parts: list[Any] = [_summary(result)]
-    if result.readable:
+    if result.readable and result.stats:
+        tensors = [r for r in result.rows if r.kind != "bytes"]
+        objects = [r for r in result.rows if r.kind == "bytes"]
+        if tensors:
+            parts.append(stats_table(tensors, title="Tensors (min, max, mean, std of the finite values)"))
+        if objects:
+            parts.append(objects_table(objects))
+        if chunks:
+            parts.append(_chunks_table(result))
+    elif result.readable:
         parts.append(_keys_table(result))
         if chunks:
             parts.append(_chunks_table(result))
     parts.append(_files_table(result))
     if result.problems:
         parts.append(problems_table(result.problems))
+    if result.verdict_rules is not None:
+        if result.suspicious:
+            parts.append(findings_table(result.suspicious))
+        parts.append(Text(findings_summary(result.verdict_rules), style="bold yellow" if result.suspicious else ""))
+        for note in result.verdict_rules.notes:
+            parts.append(Text(f"note: {clean(note)}", style="yellow"))
     for note in result.notes:
         parts.append(Text(f"note: {clean(note)}", style="yellow"))
     n = sum(w["count"] for w in result.warnings)
@@ -184,17 +209,20 @@ def document(result: Any = None, *, code: int, error: str | None = None) -> dict
     doc.update({
         "path": result.location, "dcp_version": result.dcp_version, "world_size": m.world_size if m else None,
         "backend": None, "device": "cpu", "key_glob": result.key_glob, "verify_data": result.verify_data,
+        "stats": result.stats, "strict": result.strict,
         "summary": {"status": result.status, "keys": result.n_keys, "tensors": result.n_tensors,
                     "byte_items": result.n_byte_items, "data_bytes": result.data_bytes,
                     "metadata_bytes": result.metadata_bytes,
-                    "files": sum(1 for f in result.files if f.role == "shard" and f.items), "readable": result.readable},
+                    "files": sum(1 for f in result.files if f.role == "shard" and f.items), "readable": result.readable,
+                    "suspicious": len(result.suspicious) if result.stats else None},
         "manifest": {"present": m is not None or result.manifest_error is not None, "valid": m is not None,
                      "error": result.manifest_error, "fsdpck_version": m.fsdpck_version if m else None,
                      "torch_version": m.torch_version if m else None, "world_size": m.world_size if m else None,
                      "created": m.created if m else None, "keys": len(m.keys) if m else None},
         "keys": [{"key": r.key, "kind": r.kind, "shape": list(r.shape) if r.shape is not None else None,
                   "dtype": r.dtype, "stored_bytes": r.stored_bytes, "status": r.status, "fingerprint": r.fingerprint,
-                  "expected": r.expected, "value": r.value, "detail": r.detail,
+                  "expected": r.expected, "value": r.value, "detail": r.detail, "stats": stats_json(r.stats),
+                  "suspicious": list(r.suspicious),
                   "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes),
                               "file": c.storage.file if c.storage else None,
                               "byte_offset": c.storage.offset if c.storage else None,
@@ -203,6 +231,7 @@ def document(result: Any = None, *, code: int, error: str | None = None) -> dict
         "files": [{"name": f.name, "role": f.role, "size": f.size, "items": f.items,
                    "referenced_bytes": f.referenced_bytes, "status": f.status} for f in result.files],
         "problems": [problem_json(p) for p in result.problems],
+        "suspicious": verdict_json(result.verdict_rules),
         "notes": list(result.notes),
         "warnings": warnings_field(result.warnings),
         "timings": {k: round(v, 6) for k, v in result.timings.items()},

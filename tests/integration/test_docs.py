@@ -1,5 +1,6 @@
-"""Claims are tests: every command line in the README's code blocks and every example of every
-``--help`` is run, word for word, and must end with the exit code the docs give it.
+"""Claims are tests: every command line in the README's code blocks, every example of every
+``--help`` and every command of docs/debugging.md is run, word for word, and must end with the
+exit code the docs give it.
 
 The commands run through bash, in order (README first, then the help of the group and of each
 command), in one temporary dir that is not the repository (so ``torchrun ... -m fsdpck`` is shown
@@ -19,7 +20,7 @@ from conftest import REPO, invoke, run, worker_env
 
 pytestmark = pytest.mark.slow
 RUN_BY_CI = {"bash scripts/verify.sh", "bash scripts/test.sh", "bash scripts/test.sh tests/unit"}
-COMMANDS = ["", "verify", "save", "load", "inspect", "diff"]
+COMMANDS = ["", "verify", "save", "load", "inspect", "show", "diff"]
 
 
 def split(line: str) -> tuple[str, int]:
@@ -77,4 +78,26 @@ def workdir(tmp_path_factory) -> Path:
 def test_documented_command(workdir, source, command, code):
     r = run(["bash", "-c", command], cwd=workdir, env=worker_env(), timeout=900)
     assert r.code == code, f"{source}: {command}\n" + r.tail()
+    assert "Traceback" not in r.text, r.tail()
+
+
+# docs/debugging.md: its Python block makes the two checkpoints its commands look at, in a dir of its own.
+DEBUGGING = (REPO / "docs" / "debugging.md").read_text()
+DEBUGGING_COMMANDS = [split(ln.strip()) for block in re.findall(r"```bash\n(.*?)```", DEBUGGING, re.S)
+                      for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def debugging_dir(tmp_path_factory) -> Path:
+    where = tmp_path_factory.mktemp("debugging")
+    (where / "make_checkpoints.py").write_text("\n".join(re.findall(r"```python\n(.*?)```", DEBUGGING, re.S)))
+    r = run(["python3", "-W", "ignore", "make_checkpoints.py"], cwd=where, env=worker_env(), timeout=300)
+    assert r.code == 0, r.tail()
+    return where
+
+
+@pytest.mark.parametrize("command, code", DEBUGGING_COMMANDS, ids=[c[:70] for c, _ in DEBUGGING_COMMANDS])
+def test_debugging_page_command(debugging_dir, command, code):
+    r = run(["bash", "-c", command], cwd=debugging_dir, env=worker_env(), timeout=300)
+    assert r.code == code, f"docs/debugging.md: {command}\n" + r.tail()
     assert "Traceback" not in r.text, r.tail()

@@ -36,11 +36,11 @@ from fsdpck.checkpoint.integrity import (  # noqa: E402
     P_OUTSIDE,
     open_checkpoint,
 )
-from fsdpck.checkpoint.reader import CheckpointReader  # noqa: E402
 from fsdpck.checkpoint.storage import LocalStorage  # noqa: E402
 from fsdpck.cli import cli  # noqa: E402
 from fsdpck.commands.diff import diff_checkpoints  # noqa: E402
 from fsdpck.commands.inspect import inspect_checkpoint  # noqa: E402
+from fsdpck.commands.show import show_key  # noqa: E402
 
 KEY = "optim.state.0.weight.exp_avg"  # [5, 8]: rows 2+2+1 at world size 3, 3+2 at world size 2
 N_FSDP2_KEYS = 38
@@ -260,7 +260,7 @@ def test_diff_across_world_sizes_is_identical():
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_diff_across_world_sizes_finds_one_flipped_bit(ws3_copy):
     """A bit flipped in rank 0's file at world size 3 shows against world size 2, at its global index."""
-    full = CheckpointReader(open_dir(ws3_copy)).tensor(open_dir(ws3_copy).metadata.keys[KEY])
+    full = torch.tensor(show_key(str(ws3_copy), KEY).values)
     cf.flip_byte_in_tensor(ws3_copy, KEY, full[0:2])  # chunk 0: rows 0..1, stored in __0_0.distcp
     result = diff_checkpoints(str(ws(2)), str(ws3_copy), values=True)
     (row,) = result.differing
@@ -268,6 +268,51 @@ def test_diff_across_world_sizes_finds_one_flipped_bit(ws3_copy):
     assert row.values["elements"] == 40 and row.values["differing"] == 1
     assert row.values["first_index"] == [1, 0]  # byte 32 of 64: element 8 of the chunk, global row 1
     assert 0 < row.values["max_abs_diff"] < 1e-3  # a low mantissa bit
+
+
+def dcp_full(path: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The whole tensor as DCP's own load assembles it (trusted here: these checkpoints were written by the tests)."""
+    import torch.distributed.checkpoint as dcp
+
+    target = {key: torch.empty(shape)}
+    dcp.load(target, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    return target[key]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("text", ["1:4,2:7", "-1", "4", ":,0:1", "0:5,7"])
+def test_show_slices_of_fsdp2_chunks_exactly(n, text):
+    """Rows of KEY are split 3+2 (ws 2) and 2+2+1 (ws 3) over files: slices that cross them are exact."""
+    full = dcp_full(ws(n), KEY, (5, 8))
+    want = eval(f"full[{text}]")  # noqa: S307 (the test's own literal slices)
+    result = show_key(str(ws(n)), KEY, slice_expr=text)
+    assert result.exit_code == 0 and tuple(result.result_shape) == tuple(want.shape)
+    assert torch.equal(torch.tensor(result.values).reshape(want.shape), want)
+    assert result.stats.numel == want.numel()
+
+
+def test_stats_of_real_checkpoints_are_clean():
+    """FSDP2 at 2 and 3 ranks, and fsdpck's own save: nothing suspicious, the same stats at any world size."""
+    a = inspect_checkpoint(str(ws(2)), stats=True, strict=True)
+    b = inspect_checkpoint(str(ws(3)), stats=True, strict=True)
+    assert a.exit_code == b.exit_code == 0 and a.suspicious == b.suspicious == []
+    assert a.verdict_rules.parameters_with_state == 4
+    for ra, rb in zip(a.rows, b.rows):
+        assert ra.key == rb.key and (ra.stats is None) == (rb.stats is None)
+        if ra.stats is not None:
+            sa, sb = ra.stats.as_dict(), rb.stats.as_dict()
+            assert {k: sa[k] for k in ("numel", "min", "max", "zeros", "nan")} == \
+                   {k: sb[k] for k in ("numel", "min", "max", "zeros", "nan")}
+            assert sa["mean"] == pytest.approx(sb["mean"], rel=1e-6, abs=1e-12)
+    # fsdpck's own save at world size 1 (dims 8, 1, 2, 3): ReLUs that are dead for every sample leave whole
+    # layers without a gradient, so some Adam moments are all zero; that is what the rule is for.
+    own = inspect_checkpoint(str(cf.fsdpck_save_ckpt()), stats=True)
+    assert own.exit_code == 0 and own.verdict_rules.optimizers == ["optim"]
+    rows = {r.key: r for r in own.rows}
+    for finding in own.suspicious:
+        assert finding.rule == "zero-moment", finding
+        assert rows[finding.key].stats.zeros == rows[finding.key].stats.numel > 0
 
 
 def test_diff_with_a_damaged_side_reports_problems(ws3_copy):

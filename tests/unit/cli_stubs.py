@@ -37,6 +37,7 @@ def nothing_can_run(*, runner: bool = True):
     """
     import fsdpck.commands.diff
     import fsdpck.commands.inspect
+    import fsdpck.commands.show
 
     with pytest.MonkeyPatch.context() as mp:
         if runner:
@@ -45,4 +46,5 @@ def nothing_can_run(*, runner: bool = True):
         mp.setattr("fsdpck.runtime.dist.setup", _stop("process group"))
         mp.setattr(fsdpck.commands.inspect, "inspect_checkpoint", _stop("inspect"))
         mp.setattr(fsdpck.commands.diff, "diff_checkpoints", _stop("diff"))
+        mp.setattr(fsdpck.commands.show, "show_key", _stop("show"))
         yield

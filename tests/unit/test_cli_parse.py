@@ -19,7 +19,7 @@ from fsdpck import __version__
 from fsdpck.cli import cli
 from fsdpck.runtime import faults, launch
 
-COMMANDS = ("verify", "save", "load", "inspect", "diff")
+COMMANDS = ("verify", "save", "load", "inspect", "show", "diff")
 
 
 def invoke(*args: str):
@@ -80,7 +80,7 @@ def test_every_help_example_is_a_valid_command_line(command: str, line: str, tmp
     for word in argv:
         if word.startswith("./"):
             (tmp_path / word).mkdir(parents=True, exist_ok=True)
-    stage = "workers" if "-n" in argv else {"inspect": "inspect", "diff": "diff"}.get(command, "ranks")
+    stage = "workers" if "-n" in argv else {"inspect": "inspect", "diff": "diff", "show": "show"}.get(command, "ranks")
     with nothing_can_run(), pytest.raises(Started) as started:
         r = invoke(*argv)
         pytest.fail(f"exit {r.exit_code} before starting anything:\n{r.output}")
@@ -95,7 +95,7 @@ def test_version():
 
 def test_help_does_not_import_torch():
     code = ("import sys\nfrom click.testing import CliRunner\nfrom fsdpck.cli import cli\n"
-            "for c in ([], ['verify'], ['save'], ['load'], ['inspect'], ['diff']):\n"
+            "for c in ([], ['verify'], ['save'], ['load'], ['inspect'], ['show'], ['diff']):\n"
             "    assert CliRunner().invoke(cli, c + ['--help']).exit_code == 0\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -28,12 +28,13 @@ import fsdpck.cli
 from cli_stubs import Started, nothing_can_run
 from fsdpck.state.model import parse_size
 
-COMMANDS = ("verify", "save", "load", "inspect", "diff")
+COMMANDS = ("verify", "save", "load", "inspect", "show", "diff")
 EXAMPLES_PER_COMMAND = 20
 
 # Positional arguments: a path that is never used (nothing runs) but keeps "missing argument" away.
 ARGS = {"verify": [], "save": ["/nonexistent/fsdpck-fuzz"], "load": ["/nonexistent/fsdpck-fuzz"],
-        "inspect": ["/nonexistent/fsdpck-fuzz"], "diff": ["/nonexistent/a", "/nonexistent/b"]}
+        "inspect": ["/nonexistent/fsdpck-fuzz"], "show": ["/nonexistent/fsdpck-fuzz", "model.w"],
+        "diff": ["/nonexistent/a", "/nonexistent/b"]}
 
 
 def options(command: str) -> list[click.Option]:
@@ -101,6 +102,8 @@ def invalid_values(p: click.Option) -> st.SearchStrategy[str] | None:
                 | st.text(max_size=6)).filter(not_a_size)
     if getattr(p.callback, "__name__", "") in ("_json_target", "check_json_target"):  # --json: a file path or "-"
         return st.sampled_from(["", "/", "/tmp"])
+    if p.name == "slice_expr":  # --slice: a strict expression, its syntax checked at parse time
+        return st.sampled_from(["", "1:2:3", "...", "a", "1,,2", "::", "9" * 30, "0 : 1 : 2", "[0]", "1;2"])
     if p.name in ("atol", "rtol"):  # FLOAT, must be zero or more
         return (st.floats(max_value=-1e-300, allow_nan=False).map(repr)
                 | JUNK.filter(lambda s: _as_float(s) is None))
@@ -121,6 +124,8 @@ def valid_value(p: click.Option) -> st.SearchStrategy[list[str]] | None:
         return st.sampled_from([[flag, str(c)] for c in t.choices])
     if p.name in ("key_glob",):
         return st.just([flag, "optim.*"])
+    if p.name == "slice_expr":
+        return st.sampled_from([[flag, "0:4,:8"], [flag, "-1"], [flag, ":"]])
     return None  # paths, --json, --size, tolerances: not needed to make noise
 
 
@@ -207,16 +212,21 @@ def test_bad_command_lines_are_usage_errors(command: str, data):
     (["inspect", "/nonexistent/x", "--json", "/"], "--json"),
     (["diff", "/nonexistent/a", "/nonexistent/b", "--frobnicate"], "--frobnicate"),
     (["diff", "/nonexistent/a", "/nonexistent/b", "--json", ""], "--json"),
+    (["diff", "/nonexistent/a", "/nonexistent/b", "--atol", "-1e-3"], "--atol"),
+    (["show", "/nonexistent/x", "k", "--slice", "0:4:2"], "--slice"),
+    (["show", "/nonexistent/x"], "KEY"),
 ])
 def test_typical_mistakes(argv: list[str], culprit: str):
     with nothing_can_run():
         assert_usage_error(argv, culprit)
 
 
-@pytest.mark.parametrize("option", ["--timeout", "--atol", "--rtol"])
-def test_nan_is_refused(option: str):
+@pytest.mark.parametrize("argv,option", [(["verify"], "--timeout"), (["verify"], "--atol"), (["verify"], "--rtol"),
+                                         (["diff", "/nonexistent/a", "/nonexistent/b"], "--atol"),
+                                         (["diff", "/nonexistent/a", "/nonexistent/b"], "--rtol")])
+def test_nan_is_refused(argv: list[str], option: str):
     with nothing_can_run():
-        assert_usage_error(["verify", option, "nan"], option)
+        assert_usage_error([*argv, option, "nan"], option)
 
 
 @pytest.mark.parametrize("command", ["verify", "save", "load"])

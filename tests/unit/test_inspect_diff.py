@@ -19,11 +19,11 @@ import torch
 import ckpt_factory as cf
 from fsdpck.checkpoint import integrity
 from fsdpck.checkpoint.integrity import P_FINGERPRINT, P_UNREADABLE, P_VALUE
-from fsdpck.checkpoint.reader import CheckpointReader, stored_digest
+from fsdpck.checkpoint.reader import stored_digest
 from fsdpck.checkpoint.storage import LocalStorage
 from fsdpck.commands.diff import diff_checkpoints, element_diff
 from fsdpck.commands.inspect import inspect_checkpoint
-from fsdpck.commands.offline import byte_item, tensor_fingerprint
+from fsdpck.commands.offline import byte_item, read_items, tensor_fingerprint
 from fsdpck.errors import UsageError
 from fsdpck.fingerprint import fp_tensor, to_hex
 from fsdpck.state.canonical import canonical
@@ -148,15 +148,19 @@ def test_evil_byte_item_through_dcp_load_with_fsdpck_reader_is_refused(tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_reading_in_small_batches_gives_the_same_fingerprints():
+def test_reading_pieces_one_thread_or_many_gives_the_same_fingerprints(monkeypatch):
+    from fsdpck.checkpoint import stream
+
     ckpt = integrity.open_checkpoint(LocalStorage(cf.plain_ckpt()))
     infos = [i for i in ckpt.metadata.keys.values() if i.kind == "tensor"]
-    reader = CheckpointReader(ckpt)
-    one = {i.key: tensor_fingerprint(t) for i, t, _ in reader.tensors(infos, batch_bytes=1)}
-    many = {i.key: tensor_fingerprint(t) for i, t, _ in reader.tensors(infos)}
+    one = {k: r.fingerprint for k, r in read_items(ckpt, infos, threads=1).items()}
+    monkeypatch.setattr(stream, "RUN_BYTES", 1)  # every stored item a run of its own, read by 4 threads
+    many = {k: r.fingerprint for k, r in read_items(ckpt, infos, threads=4).items()}
     assert one == many and len(one) == len(infos)
+    flat = cf.flat_state(cf.plain_state())
+    assert many == {i.key: tensor_fingerprint(flat[i.key]) for i in infos}
     assert many["nested.a.bf"] == to_hex(fp_tensor(cf.plain_state()["nested"]["a"]["bf"]))
-    result = inspect_checkpoint(str(cf.plain_ckpt()), verify_data=True, batch_bytes=1)
+    result = inspect_checkpoint(str(cf.plain_ckpt()), verify_data=True, threads=1)
     assert {r.status for r in result.rows} == {"verified"}
 
 

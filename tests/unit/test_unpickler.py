@@ -218,3 +218,96 @@ def test_any_damage_to_a_metadata_pickle_is_refused_cleanly(data):
 
         assert isinstance(md, Metadata)
     assert _class_state() == before
+
+
+# --- light mode: the same names, fsdpck's own sealed records instead of DCP's classes --------------
+
+
+def load_light(data: bytes, source: str = "test/.metadata"):
+    return unpickler.load_metadata(io.BytesIO(data), size=len(data), source=source, light=True)
+
+
+@pytest.mark.parametrize("name", ["plain", "torch_save_to_dcp"])
+def test_light_records_parse_to_the_same_metadata(name):
+    from fsdpck.checkpoint.metadata import parse_metadata
+
+    data = (pristine(name) / ".metadata").read_bytes()
+    records = load_light(data)
+    assert type(records) is unpickler.record_class("Metadata")
+    assert parse_metadata(records, source="s", light=True) == parse_metadata(load_bytes(data), source="s")
+    # Fields a pickle leaves out read as DCP's defaults (a byte item's MetadataIndex has no offset).
+    index = next(i for i in records.storage_data if i.fqn == {"plain": "step", "torch_save_to_dcp": "epoch"}[name])
+    assert index.offset is None and "offset" not in index.__dict__
+
+
+def test_light_mode_imports_nothing_of_dcp():
+    import subprocess
+    import sys
+
+    code = ("import io, sys\nfrom fsdpck.checkpoint import unpickler\nfrom fsdpck.checkpoint.metadata import "
+            f"parse_metadata\ndata = open({str(cf.plain_ckpt() / '.metadata')!r}, 'rb').read()\n"
+            "md = parse_metadata(unpickler.load_metadata(io.BytesIO(data), size=len(data), source='s', light=True), "
+            "source='s', light=True)\nassert 'nested.vol' in md.keys\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", p.stdout
+
+
+def test_records_are_sealed_and_take_no_arguments():
+    Metadata = unpickler.record_class("Metadata")
+    assert unpickler.resolve(DCP_MD, "Metadata", True) is Metadata
+    with pytest.raises(pickle.UnpicklingError, match="refused to set"):
+        Metadata.__setstate__ = print
+    with pytest.raises(pickle.UnpicklingError, match="with arguments"):
+        Metadata(state_dict_metadata={})
+    record = Metadata.__new__(Metadata)
+    with pytest.raises(pickle.UnpicklingError, match="not fields"):
+        record.__setstate__({1: 2})
+    with pytest.raises(pickle.UnpicklingError, match="not 5 fields"):
+        unpickler.record_class("TensorProperties").__new__(unpickler.record_class("TensorProperties")).__setstate__({})
+    with pytest.raises(TypeError):
+        pickle.dumps(record)
+    index = unpickler.record_class("MetadataIndex")
+    a, b = index.__new__(index), index.__new__(index)
+    a.__setstate__({"fqn": "w", "offset": torch.Size([0]), "index": 1})
+    b.__setstate__({"fqn": "w", "offset": torch.Size([0]), "index": 7})
+    assert a == b and hash(a) == hash(b) and len({a: 1, b: 2}) == 1  # as DCP's frozen dataclass: index ignored
+    with pytest.raises(pickle.UnpicklingError):
+        unpickler.resolve(DCP_MD, "_MEM_FORMAT_ENCODING", True)(7)
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_crafted_metadata_never_runs_in_light_mode(tmp_path, case):
+    marker = tmp_path / "marker"
+    with pytest.raises(CheckpointFormatError, match="nothing in it was executed|not a readable"):
+        load_light(cf.payloads(marker)[case])
+    assert not marker.exists()
+
+
+def test_build_aimed_at_a_record_class_is_refused():
+    Metadata = unpickler.record_class("Metadata")
+    data = (b"\x80\x02c" + DCP_MD.encode() + b"\nMetadata\n" + b"N}X\x0c\x00\x00\x00fsdpck_pwned" + b"K\x01s\x86b.")
+    with pytest.raises(CheckpointFormatError, match="not a readable DCP metadata pickle"):
+        load_light(data)
+    assert "fsdpck_pwned" not in Metadata.__dict__
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_damage_is_refused_cleanly_in_light_mode(data):
+    raw = bytearray((cf.plain_ckpt() / ".metadata").read_bytes())
+    records = {n: dict(unpickler.record_class(n).__dict__) for n in ("Metadata", "MetadataIndex", "TensorProperties")}
+    for _ in range(data.draw(st.integers(1, 6))):
+        at = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        if data.draw(st.booleans()):
+            raw[at] ^= 1 << data.draw(st.integers(0, 7))
+        else:
+            raw[at:at] = data.draw(st.sampled_from([b"b", b"c__builtin__\nsetattr\n", b"h\x00", b"0", b"R", b"\x81"]))
+    try:
+        md = load_light(bytes(raw))
+    except CheckpointFormatError as e:
+        assert e.message.startswith("test/.metadata: ")
+    else:
+        assert type(md) is unpickler.record_class("Metadata")
+    assert records == {n: dict(unpickler.record_class(n).__dict__) for n in records}

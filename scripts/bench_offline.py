@@ -1,0 +1,199 @@
+"""How fast the offline commands read a checkpoint, side by side with reading its files cold from disk.
+
+Usage (CPU is enough; the checkpoint is made once with ``fsdpck save -n NPROC --size SIZE`` and a
+copy of it is the second side of ``diff``)::
+
+    python scripts/bench_offline.py --dir /tmp/bench-offline --size 1GB --reps 3 --json offline.json
+
+Each repetition, in an order that rotates so that a drift of the machine favours none, measures:
+
+- ``cat``: every file of the checkpoint read with 64 MiB reads after its pages were dropped
+  from the page cache (``posix_fadvise(DONTNEED)`` after ``fsync``; the fraction still resident
+  is measured with ``mincore``) — and the same for both checkpoints (the baseline of ``diff``);
+- ``fsdpck inspect --verify-data``, ``fsdpck inspect --stats`` and ``fsdpck diff A B``, each a
+  fresh process started after the pages were dropped: its wall time, and the read phase its JSON
+  reports (``timings.read_s``), so that the command's own start-up is seen apart;
+- start-up: ``python -c "import torch"`` against ``fsdpck inspect A`` (metadata only, warm).
+
+It prints a table of medians and the ratios the targets of issue 20 are about (a command within
+1.25x of ``cat`` cold; ``inspect`` within 2x of ``import torch``) and writes every sample to
+``--json`` (``"schema": "fsdpck.bench-offline/1"``). Nothing is asserted: the numbers are the result.
+``--code DIR`` runs the fsdpck of another checkout (``git worktree add DIR REF``): the same
+measurements of an older version, for a before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench_io  # noqa: E402
+
+TARGETS = {"inspect --verify-data / cat": 1.25, "inspect --stats / cat": 1.25, "diff / cat A+B": 1.25,
+           "inspect / import torch": 2.0}
+
+
+CODE: list[Path | None] = [None]  # --code: the checkout whose fsdpck runs (None: the installed one)
+
+
+def fsdpck(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fsdpck", *args]
+
+
+def run(argv: list[str], *, json_path: Path | None = None) -> tuple[float, dict | None]:
+    """(wall seconds, the JSON document it wrote) of a fresh process; a non-zero exit is an error."""
+    env = dict(os.environ)
+    if CODE[0] is not None:
+        env["PYTHONPATH"] = str(CODE[0]) + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=CODE[0])  # python -m looks in the working dir first
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_offline: {' '.join(argv)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return wall, (json.loads(json_path.read_text()) if json_path is not None else None)
+
+
+def cold(paths: list[Path]) -> float | None:
+    """Drop the files' pages; the fraction still resident afterwards."""
+    return bench_io.drop_pages(paths)
+
+
+def cat(paths: list[Path], buffer: bytearray) -> float:
+    t0 = time.perf_counter()
+    for path in paths:
+        bench_io.raw_read(path, buffer)
+    return time.perf_counter() - t0
+
+
+def make_checkpoints(root: Path, size: str, nproc: int) -> tuple[Path, Path]:
+    a, b = root / "ck-a", root / "ck-b"
+    if not (a / ".metadata").exists():
+        shutil.rmtree(a, ignore_errors=True)
+        print(f"bench_offline: saving a {size} checkpoint at {nproc} ranks into {a} ...", flush=True)
+        subprocess.run(fsdpck("save", "-n", str(nproc), str(a), "--size", size), check=True,
+                       stdout=subprocess.DEVNULL)
+    if not (b / ".metadata").exists():
+        shutil.rmtree(b, ignore_errors=True)
+        shutil.copytree(a, b)
+    return a, b
+
+
+def measure(a: Path, b: Path, reps: int, work: Path, skip: list[str]) -> dict[str, list[float]]:
+    files_a, files_b = bench_io.files_under(a), bench_io.files_under(b)
+    buffer = bench_io.io_buffer(bench_io.IO_CHUNK, seed=0)
+    out: dict[str, list[float]] = {}
+
+    def add(name: str, value: float | None) -> None:
+        if value is not None:
+            out.setdefault(name, []).append(value)
+
+    def step_cat() -> None:
+        add("resident after drop", cold(files_a))
+        add("cat A (cold)", cat(files_a, buffer))
+        cold(files_a + files_b)
+        add("cat A+B (cold)", cat(files_a + files_b, buffer))
+
+    def step_command(name: str, args: list[str], files: list[Path]) -> None:
+        target = work / "doc.json"
+        add("resident after drop", cold(files))
+        wall, doc = run(fsdpck(*args, "--json", str(target)), json_path=target)
+        add(f"{name} (wall)", wall)
+        timings = doc["timings"]  # before issue 20, inspect called its read phase verify_data_s
+        add(f"{name} (read phase)", timings.get("read_s", timings.get("verify_data_s")))
+
+    def step_startup() -> None:
+        add("import torch", run([sys.executable, "-c", "import torch"])[0])
+        add("inspect (wall)", run(fsdpck("inspect", str(a)))[0])
+
+    commands = {"inspect --verify-data": (["inspect", str(a), "--verify-data"], files_a),
+                "inspect --stats": (["inspect", str(a), "--stats"], files_a),
+                "diff": (["diff", str(a), str(b)], files_a + files_b)}
+    steps = [step_cat, step_startup] + [
+        (lambda name=name, argv=argv, files=files: step_command(name, argv, files))
+        for name, (argv, files) in commands.items() if name not in skip]
+    run(fsdpck("inspect", str(a)))  # warm the interpreter's own files and the fingerprint kernel's cache
+    for rep in range(reps):
+        order = steps[rep % len(steps):] + steps[: rep % len(steps)]
+        for step in order:
+            step()
+        print(f"bench_offline: repetition {rep + 1} of {reps} done", flush=True)
+    return out
+
+
+def ratios(medians: dict[str, float]) -> dict[str, float]:
+    m = medians
+    out = {}
+    for name, base in (("inspect --verify-data", "cat A (cold)"), ("inspect --stats", "cat A (cold)"),
+                       ("diff", "cat A+B (cold)")):
+        if f"{name} (wall)" in m:
+            short = "cat" if base == "cat A (cold)" else "cat A+B"
+            out[f"{name} / {short}"] = m[f"{name} (wall)"] / m[base]
+            out[f"{name} read phase / {short}"] = m[f"{name} (read phase)"] / m[base]
+    out["inspect / import torch"] = m["inspect (wall)"] / m["import torch"]
+    return out
+
+
+def report(samples: dict[str, list[float]], data_bytes: int) -> str:
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    lines = [f"checkpoint data: {data_bytes / 1e9:.3f} GB per side; {os.cpu_count()} CPUs; "
+             f"load average {os.getloadavg()[0]:.1f}",
+             "", "| measurement | median s (min–max) |", "| --- | --- |"]
+    for name, values in samples.items():
+        unit = "" if name == "resident after drop" else " s"
+        lines.append(f"| {name} | {medians[name]:.3f}{unit} ({min(values):.3f}–{max(values):.3f}) |")
+    lines += ["", "| ratio (of medians) | value | target |", "| --- | --- | --- |"]
+    for name, value in ratios(medians).items():
+        target = TARGETS.get(name)
+        verdict = f"≤ {target} **{'met' if value <= target else 'missed'}**" if target else "(info)"
+        lines.append(f"| {name} | {value:.2f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=None, help="where the checkpoints live (made once; kept)")
+    parser.add_argument("--size", default="1GB", help="checkpoint size for fsdpck save --size (default 1GB)")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks that save it (default 2)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="write every sample there")
+    parser.add_argument("--code", type=Path, default=None, help="run the fsdpck of this checkout (a git worktree)")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME",
+                        help="leave a command out (e.g. 'inspect --stats' for a version without it)")
+    args = parser.parse_args()
+    CODE[0] = args.code.resolve() if args.code is not None else None
+    root = args.dir or Path(tempfile.mkdtemp(prefix="fsdpck-bench-offline-"))
+    root.mkdir(parents=True, exist_ok=True)
+    a, b = make_checkpoints(root, args.size, args.nproc)
+    with tempfile.TemporaryDirectory() as work:
+        samples = measure(a, b, args.reps, Path(work), args.skip)
+    data_bytes = sum(p.stat().st_size for p in bench_io.files_under(a))
+    text = report(samples, data_bytes)
+    verdict = (f"fsdpck bench-offline: MEASURED (exit 0) — {args.reps} repetition(s), {data_bytes / 1e9:.3f} GB "
+               "per checkpoint")
+    print(text + "\n\n" + verdict)
+    if args.json is not None:
+        from fsdpck.report.envelope import envelope
+
+        doc = envelope("bench-offline", code=0, verdict=verdict, error=None,
+                       checkpoint=str(a), data_bytes=data_bytes, cpus=os.cpu_count(),
+                       filesystem=bench_io.filesystem_of(a), reps=args.reps, samples=samples,
+                       medians={k: statistics.median(v) for k, v in samples.items()},
+                       ratios=ratios({k: statistics.median(v) for k, v in samples.items()}), targets=TARGETS)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
