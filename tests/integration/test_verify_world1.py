@@ -163,6 +163,18 @@ def test_every_optimizer_and_dtype_round_trips(tmp_path: Path):
         assert lr["saved"] == float.hex(spec.hyper["lr"])
 
 
+def test_every_optimizer_and_dtype_fails_on_exactly_its_flipped_row(tmp_path: Path):
+    out = tmp_path / "v.json"
+    r = invoke("verify", "--optimizer", "all", "--dtype", "all", "--planner", "none", "--self-test",
+               "--json", str(out))
+    assert r.exit_code == 1, r.output
+    flows = load_json(out)["flows"]
+    assert len(flows) == len(registry.OPTIMIZERS) * len(registry.DTYPES)
+    for f in flows:
+        bad = [row for row in f["rows"] if row["status"] != "match"]
+        assert [row["key"] for row in bad] == [f["self_test"]["key"]], f["name"]
+
+
 def test_fsdp2_trainer_state_through_an_async_save(tmp_path: Path):
     out = tmp_path / "v.json"
     r = invoke("verify", "--fsdp", "2", "--trainer-state", "--save-mode", "async", "--steps-during-save", "2",
