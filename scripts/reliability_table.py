@@ -7,7 +7,7 @@ such a log into the table: one row per (fault, test), the last run's values wher
 ran more than once.
 
     FSDPCK_RELIABILITY_LOG=/tmp/rel.jsonl python3 -m pytest tests/integration/test_drills.py \\
-        tests/integration/test_storage.py tests/integration/test_multinode.py tests/test_cli_ckpt.py
+        tests/integration/test_storage.py tests/integration/test_multinode.py
     python3 scripts/reliability_table.py /tmp/rel.jsonl [--drills drills.out] [-o docs/reliability.md]
 
 ``--drills`` takes the output of scripts/drills.sh (the whole drill table) and puts its
@@ -38,13 +38,12 @@ launch to exit on the machine the table was made on (a 2-core CPU box running gl
 is starting Python and torch), and what was left on disk. Rows starting "none:" are the
 multi-node runs that must pass.
 
-Regenerate it from a real run (rows for the checkpoint-dir faults of `fsdpck inspect` come from
-tests/test_cli_ckpt.py where it records them):
+Regenerate it from a real run:
 
 ```bash
 rm -f /tmp/rel.jsonl
 FSDPCK_RELIABILITY_LOG=/tmp/rel.jsonl python3 -m pytest tests/integration/test_drills.py \\
-    tests/integration/test_storage.py tests/integration/test_multinode.py tests/test_cli_ckpt.py
+    tests/integration/test_storage.py tests/integration/test_multinode.py
 bash scripts/drills.sh > /tmp/drills.out     # optional: the whole drill table, ~15 min on 2 cores
 python3 scripts/reliability_table.py /tmp/rel.jsonl --drills /tmp/drills.out
 ```
