@@ -55,14 +55,17 @@ def _fp_kernel(
     s0, s1, s2, s3,
     g0, g1, g2, g3,
     rows, first_tile, col_tiles, total_tiles,
-    ITEMSIZE: tl.constexpr, UNIT_STRIDE: tl.constexpr, OUTER_DIMS: tl.constexpr,
+    ITEMSIZE: tl.constexpr, UNIT_STRIDE: tl.constexpr, UNIT_GLOBAL: tl.constexpr, OUTER_DIMS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
     # Element (i0, i1, i2, c) of the chunk is at ptr[start + i0*s0 + i1*s1 + i2*s2 + c*s3] and has
     # global index base + i0*g0 + i1*g1 + i2*g2 + c*g3; row r = (i0*n1 + i1)*n2 + i2. A tile is
     # BLOCK_ROWS rows x BLOCK_COLS columns. OUTER_DIMS says how many outer dims there are (0: one
     # row; 1: only i2; 3: all), so that the common cases skip the 64-bit divisions that split a
-    # row number. Integer arguments may arrive as int32; all is widened to int64 before use.
+    # row number. UNIT_STRIDE and UNIT_GLOBAL say that s3 and g3 are 1 (a contiguous row, the
+    # common case), sparing an emulated 64-bit multiply per element in a loop that is bound by
+    # integer arithmetic, not memory. Integer arguments may arrive as int32; all is widened to
+    # int64 before use.
     pid = tl.program_id(0).to(tl.int64)
     start = start.to(tl.int64)
     base = base.to(tl.int64)
@@ -120,7 +123,10 @@ def _fp_kernel(
         elif ITEMSIZE == 4:
             b = b & 0xFFFFFFFF
         # z = mix(i + 1); Triton's >> on unsigned integers is a logical shift.
-        z = (base + i0 * g0 + i1 * g1 + i2 * g2 + c * g3 + 1).to(tl.uint64)
+        if UNIT_GLOBAL:
+            z = (base + i0 * g0 + i1 * g1 + i2 * g2 + c + 1).to(tl.uint64)
+        else:
+            z = (base + i0 * g0 + i1 * g1 + i2 * g2 + c * g3 + 1).to(tl.uint64)
         z ^= z >> 30
         z *= 0xBF58476D1CE4E5B9
         z ^= z >> 27
@@ -197,7 +203,7 @@ def fp_layout(bits: torch.Tensor, dims: Sequence[tuple[int, int, int]], base: in
     acc = torch.zeros((), dtype=torch.int64, device=bits.device)
     outer_dims = 0 if rows == 1 else 1 if n0 == n1 == 1 else 3
     options = dict(
-        ITEMSIZE=itemsize, UNIT_STRIDE=s3 == 1, OUTER_DIMS=outer_dims,
+        ITEMSIZE=itemsize, UNIT_STRIDE=s3 == 1, UNIT_GLOBAL=g3 == 1, OUTER_DIMS=outer_dims,
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, TILES=TILES,
     )  # fmt: skip
     if not interpreting():
