@@ -180,11 +180,17 @@ FSDPCK_INLINE void acc_finish(const fsdpck_acc *a, double sum, double mn, double
  * elements take a fast path: a float sum per lane (FSDPCK_BLOCK terms, then added into the double
  * sums), and min and max through integer keys (a float's bits with the magnitude bits flipped when
  * negative order like the floats themselves, and integer min/max vectorise where float ones do
- * not without -ffast-math), with a flag for any element whose exponent is all ones (NaN or an
- * infinity); such a block is taken again through the masked path. */
+ * not without -ffast-math); a block whose key bounds reach an infinity's key holds a NaN or an
+ * infinity, and is taken again through the masked path, as is one whose float sum overflowed. */
 #define FSDPCK_BLOCK 32
 
 FSDPCK_INLINE int32_t order_key(int32_t bits) { return bits ^ ((bits >> 31) & 0x7fffffff); }
+
+/* The keys of -inf and +inf. Every finite float's key lies strictly between them, every NaN's
+ * outside (a NaN with the sign bit clear above +inf's, one with it set below -inf's), so the
+ * block's key bounds alone say whether it holds a NaN or an infinity. */
+#define FSDPCK_KEY_POS_INF ((int32_t)0x7f800000)
+#define FSDPCK_KEY_NEG_INF ((int32_t)0x807fffff)
 
 FSDPCK_INLINE float key_to_float(int32_t key) {
     int32_t bits = order_key(key); /* the map is its own inverse */
@@ -192,6 +198,31 @@ FSDPCK_INLINE float key_to_float(int32_t key) {
     __builtin_memcpy(&f, &bits, 4);
     return f;
 }
+
+/* Whether every lane is finite: a block's float sum of finite values can still overflow. */
+FSDPCK_INLINE int finite_v(fsdpck_vf v) {
+    fsdpck_vi fin = (v - v) == 0;
+    int all = -1;
+    for (int k = 0; k < FSDPCK_L; k++)
+        all &= fin[k];
+    return all != 0;
+}
+
+/* bsum = the lane-wise float sum of one block (FSDPCK_BLOCK vectors from q), in four chains of
+ * additions: one chain would wait on each addition's latency, and the block's sum would cost
+ * several times the loop that hashes it. */
+#define FSDPCK_BLOCK_SUM(bsum, LOADV, q)                                                    \
+    fsdpck_vf bsum;                                                                         \
+    do {                                                                                    \
+        fsdpck_vf c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};                                   \
+        for (int b = 0; b < FSDPCK_BLOCK; b += 4) {                                         \
+            c0 += LOADV((q) + FSDPCK_L * b);                                                \
+            c1 += LOADV((q) + FSDPCK_L * (b + 1));                                          \
+            c2 += LOADV((q) + FSDPCK_L * (b + 2));                                          \
+            c3 += LOADV((q) + FSDPCK_L * (b + 3));                                          \
+        }                                                                                   \
+        bsum = (c0 + c1) + (c2 + c3);                                                       \
+    } while (0)
 
 #define FSDPCK_STATS_V(NAME, T, LOADV, LOAD1, BITS1)                                        \
     FSDPCK_INLINE void NAME(const T *p, int64_t n, double *out) {                           \
@@ -203,15 +234,13 @@ FSDPCK_INLINE float key_to_float(int32_t key) {
             fsdpck_vf bsum = {0};                                                           \
             for (int b = 0; b < FSDPCK_BLOCK; b++)                                          \
                 bsum += LOADV(p + j + FSDPCK_L * b);                                        \
-            int32_t bmin = INT32_MAX, bmax = INT32_MIN, special = 0;                        \
+            int32_t bmin = INT32_MAX, bmax = INT32_MIN;                                     \
             for (int k = 0; k < FSDPCK_L * FSDPCK_BLOCK; k++) {                             \
-                int32_t x = BITS1(p[j + k]);                                                \
-                int32_t key = order_key(x);                                                 \
+                int32_t key = order_key(BITS1(p[j + k]));                                   \
                 bmin = key < bmin ? key : bmin;                                             \
                 bmax = key > bmax ? key : bmax;                                             \
-                special |= (x & 0x7f800000) == 0x7f800000;                                  \
             }                                                                               \
-            if (!special) {                                                                 \
+            if (bmin > FSDPCK_KEY_NEG_INF && bmax < FSDPCK_KEY_POS_INF && finite_v(bsum)) { \
                 acc_sum(&a, bsum);                                                          \
                 kmin = bmin < kmin ? bmin : kmin;                                           \
                 kmax = bmax > kmax ? bmax : kmax;                                           \
@@ -355,6 +384,105 @@ FSDPCK_INLINE double load_one(const char *p, int64_t code) {
 
 int64_t fsdpck_stats(const void *data, int64_t code, int64_t n, double *out);
 
+/* The fused walk's inner loop for a contiguous run (memory and global strides 1) of float32,
+ * bfloat16 or float16: each element's hash and its order key's min and max in one loop, while
+ * the value is in a register. The hash is bound by its 64-bit multiplies; the key's shift, xor,
+ * min and max run on the units those leave idle, so the bounds come almost free, where a second
+ * loop over the same elements would cost its own pass of instructions. */
+#define FSDPCK_HASH_KEYS(NAME, T, KEY)                                                   \
+    FSDPCK_INLINE uint64_t NAME(const T *p, int64_t n, uint64_t i0, int32_t *kmin, int32_t *kmax) { \
+        uint64_t acc = 0, i1 = i0 + 1;                                                     \
+        int32_t lo = INT32_MAX, hi = INT32_MIN;                                            \
+        for (int64_t j = 0; j < n; j++) {                                                  \
+            acc += mix((uint64_t)p[j] ^ mix(i1 + (uint64_t)j));                            \
+            int32_t key = KEY(p[j]);                                                       \
+            lo = key < lo ? key : lo;                                                      \
+            hi = key > hi ? key : hi;                                                      \
+        }                                                                                  \
+        *kmin = lo;                                                                        \
+        *kmax = hi;                                                                        \
+        return acc;                                                                        \
+    }
+
+/* The sum of a run known to hold no NaN or infinity: float lanes over blocks (the fast path's
+ * sum), a block whose float sum overflowed again in double. */
+#define FSDPCK_SUM_CLEAN(NAME, T, LOADV, LOAD1)                                            \
+    FSDPCK_INLINE double NAME(const T *p, int64_t n) {                                     \
+        fsdpck_acc a;                                                                      \
+        acc_init(&a);                                                                      \
+        int64_t j = 0;                                                                     \
+        for (; j + FSDPCK_L * FSDPCK_BLOCK <= n; j += FSDPCK_L * FSDPCK_BLOCK) {           \
+            FSDPCK_BLOCK_SUM(bsum, LOADV, p + j);                                          \
+            if (finite_v(bsum)) {                                                          \
+                acc_sum(&a, bsum);                                                         \
+            } else {                                                                       \
+                for (int b = 0; b < FSDPCK_BLOCK; b++)                                     \
+                    acc_sum(&a, LOADV(p + j + FSDPCK_L * b));                              \
+            }                                                                              \
+        }                                                                                  \
+        for (; j + FSDPCK_L <= n; j += FSDPCK_L)                                           \
+            acc_sum(&a, LOADV(p + j));                                                     \
+        double sum = 0.0;                                                                  \
+        for (; j < n; j++)                                                                 \
+            sum += (double)LOAD1(p[j]);                                                    \
+        for (int k = 0; k < FSDPCK_L / 2; k++)                                             \
+            sum += a.sum_lo[k] + a.sum_hi[k];                                              \
+        return sum;                                                                        \
+    }
+
+/* Order keys as int32 for that loop: float32's and bfloat16's are float32 keys; float16's are
+ * its own 16-bit pattern's key (the same map at 16 bits, sign-extended), so that the loop needs
+ * no conversion to float and vectorises. */
+FSDPCK_INLINE int32_t key_f32(uint32_t x) { return order_key((int32_t)x); }
+FSDPCK_INLINE int32_t key_bf16(uint16_t h) { return order_key(bits_bf16(h)); }
+FSDPCK_INLINE int32_t key_f16(uint16_t h) {
+    int32_t x = (int16_t)h;
+    return x ^ ((x >> 15) & 0x7fff);
+}
+FSDPCK_INLINE double f16_of_key(int32_t key) {
+    int32_t x = key ^ ((key >> 15) & 0x7fff); /* its own inverse, as order_key */
+    return f16_to_float((uint16_t)x);
+}
+/* float16's infinities as such keys: every finite value's key lies strictly between them. */
+#define FSDPCK_KEY16_POS_INF ((int32_t)0x7c00)
+#define FSDPCK_KEY16_NEG_INF ((int32_t)(int16_t)0x83ff)
+FSDPCK_HASH_KEYS(hash_keys_f32, uint32_t, key_f32)
+FSDPCK_HASH_KEYS(hash_keys_bf16, uint16_t, key_bf16)
+FSDPCK_HASH_KEYS(hash_keys_f16, uint16_t, key_f16)
+FSDPCK_SUM_CLEAN(sum_clean_f32, float, load_f32, FSDPCK_AS_IS)
+FSDPCK_SUM_CLEAN(sum_clean_bf16, uint16_t, load_bf16, bf16_to_float)
+FSDPCK_SUM_CLEAN(sum_clean_f16, uint16_t, load_f16, f16_to_float)
+
+/* Hash (returned) and statistics (added into tot) of a contiguous run of m >= 1 elements, for
+ * codes 0, 2 and 3; a run holding a NaN or an infinity takes its statistics from fsdpck_stats. */
+FSDPCK_INLINE uint64_t hash_stats_piece(const char *r, int64_t code, int64_t m, uint64_t i0, double *tot) {
+    int32_t kmin, kmax;
+    uint64_t h;
+    switch (code) {
+    case 0: h = hash_keys_f32((const uint32_t *)r, m, i0, &kmin, &kmax); break;
+    case 2: h = hash_keys_bf16((const uint16_t *)r, m, i0, &kmin, &kmax); break;
+    default: h = hash_keys_f16((const uint16_t *)r, m, i0, &kmin, &kmax); break;
+    }
+    const int clean = code == 3 ? kmin > FSDPCK_KEY16_NEG_INF && kmax < FSDPCK_KEY16_POS_INF
+                                : kmin > FSDPCK_KEY_NEG_INF && kmax < FSDPCK_KEY_POS_INF;
+    if (clean) {
+        double lo = code == 3 ? f16_of_key(kmin) : key_to_float(kmin);
+        double hi = code == 3 ? f16_of_key(kmax) : key_to_float(kmax);
+        tot[1] += code == 0 ? sum_clean_f32((const float *)r, m)
+                : code == 2 ? sum_clean_bf16((const uint16_t *)r, m) : sum_clean_f16((const uint16_t *)r, m);
+        tot[2] = lo < tot[2] ? lo : tot[2];
+        tot[3] = hi > tot[3] ? hi : tot[3];
+    } else {
+        double part[4] = {0.0, 0.0, __builtin_inf(), -__builtin_inf()};
+        fsdpck_stats(r, code, m, part);
+        tot[0] += part[0];
+        tot[1] += part[1];
+        tot[2] = part[2] < tot[2] ? part[2] : tot[2];
+        tot[3] = part[3] > tot[3] ? part[3] : tot[3];
+    }
+    return h;
+}
+
 /* Adds the statistics of n elements at memory stride s (elements) into tot (out[]'s layout). A
  * contiguous run goes to fsdpck_stats, which the loader resolves to its clone for this CPU: the
  * vector code is compiled once per clone, not again inside every walk. */
@@ -381,8 +509,10 @@ int64_t fsdpck_stats(const void *data, int64_t code, int64_t n, double *out) {
 }
 
 #define FSDPCK_MAX_DIMS 64
-/* With statistics, a run is walked in pieces of this many elements: each is hashed, then its
- * statistics are taken while it is still in the L1 cache, so memory is read once for both. */
+/* With statistics, a run is walked in pieces of this many elements, so that memory is read once
+ * for both: a contiguous float32/bfloat16/float16 piece is hashed and its key bounds taken in one
+ * loop (hash_stats_piece), then summed while it is still in the L1 cache; any other piece is
+ * hashed, then its statistics are taken from the cache. */
 #define FSDPCK_FUSED_PIECE 4096
 
 /* The walk over a strided chunk (see the top of the file); with code >= 0 it also adds the
@@ -406,11 +536,16 @@ FSDPCK_INLINE uint64_t walk(const void *data, int64_t itemsize, int64_t ndim, co
         if (code < 0) {
             acc += run(q, itemsize, n, s, i0, g);
         } else {
+            const int one_loop = s == 1 && g == 1 && code != 1;
             for (int64_t k = 0; k < n; k += FSDPCK_FUSED_PIECE) {
                 const int64_t m = n - k < FSDPCK_FUSED_PIECE ? n - k : FSDPCK_FUSED_PIECE;
                 const char *r = q + k * s * itemsize;
-                acc += run(r, itemsize, m, s, i0 + (uint64_t)k * (uint64_t)g, g);
-                stats_run(r, itemsize, code, m, s, tot);
+                if (one_loop) {
+                    acc += hash_stats_piece(r, code, m, i0 + (uint64_t)k, tot);
+                } else {
+                    acc += run(r, itemsize, m, s, i0 + (uint64_t)k * (uint64_t)g, g);
+                    stats_run(r, itemsize, code, m, s, tot);
+                }
             }
         }
         /* Odometer over the outer dims, innermost first. */

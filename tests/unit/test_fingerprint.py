@@ -733,6 +733,25 @@ def test_fused_statistics_agree_with_torch_and_the_fingerprint_with_fp_chunk(dty
         assert stats == (n, 0.0, None, None)
 
 
+@pytest.mark.skipif(not c_available(), reason="no C compiler here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_statistics_sum_finite_values_whose_float_sum_overflows(dtype):
+    # Every value finite, but a block's float sum is not: the sum must still come out of float64
+    # (and the statistics alone, fsdpck_stats, likewise), not as an infinity.
+    n = 6 * dispatch.SMALL_CHUNK_NUMEL  # a third of it, strided, still takes the C path
+    x = torch.full((n,), 3e38, dtype=dtype)
+    x[n // 2:] = -1.0
+    with forced_backend(None):
+        fp, stats = dispatch.fp_chunk_stats(x, global_shape=(n,), offsets=(0,))
+        assert fp == fp_chunk(x, global_shape=(n,), offsets=(0,))
+        strided = dispatch.fp_chunk_stats(x[::3], global_shape=(n,), offsets=(0,))[1]
+    for got, piece in ((stats, x), (strided, x[::3])):
+        want = _torch_stats(piece)
+        assert got[0] == 0 and math.isfinite(got[1]), got
+        assert math.isclose(got[1], want[1], rel_tol=1e-9), (got, want)
+        assert (got[2], got[3]) == (want[2], want[3])
+
+
 def test_fused_statistics_are_not_used_for_small_or_integer_chunks():
     with forced_backend(None):
         assert dispatch.fp_chunk_stats(torch.ones(8), global_shape=(8,), offsets=(0,))[1] is None
