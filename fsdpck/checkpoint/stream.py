@@ -26,13 +26,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from fsdpck.checkpoint import safetensors
+from fsdpck.checkpoint import safetensors, torchsave
 from fsdpck.checkpoint.integrity import CheckpointDir
+from fsdpck.checkpoint.storage import LocalStorage
 from fsdpck.checkpoint.metadata import ChunkInfo, KeyInfo
 from fsdpck.errors import CheckpointFormatError
 from fsdpck.runtime.progress import NO_PROGRESS, Progress
 
 RUN_BYTES = 16 << 20  # stored items read by one call of DCP's reader (a larger item is a run of its own)
+DIRECT_READS = True  # tests and the benchmark turn fsdpck's own reads of local chunks off, to compare
 
 
 def read_threads() -> int:
@@ -175,6 +177,89 @@ class _Sink:
     def load_bytes(self, item: Any, value: Any) -> None:
         raise CheckpointFormatError(f"{item.dest_index.fqn}: a byte item where a tensor was expected")
 
+    def place(self, item: Any, piece: Any) -> None:
+        """A piece read by fsdpck itself, as DCP's reader would hand it over: into the request's
+        target (a copy), or straight to ``on_piece`` (no copy: it is valid only during the call)."""
+        if self.request(item).into is not None:
+            target = self.resolve_tensor(item)
+            target.copy_(piece)
+            piece = target
+        self.commit_tensor(item, piece)
+
+
+class _Buffers:
+    """Buffers for stored chunks' bytes, reused by every read of the process (both sides of a diff,
+    every thread): fresh memory costs a page fault per 4 KiB, more than reading the bytes into it
+    (docs/benchmarks.md, "Offline reads"). At most ``keep`` idle buffers are held."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.idle: list[Any] = []
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self, nbytes: int) -> Iterator[Any]:
+        import torch
+
+        with self.lock:
+            fits = [i for i, b in enumerate(self.idle) if b.numel() >= nbytes]  # idle is sorted by size
+            buffer = self.idle.pop(fits[0]) if fits else None
+        if buffer is None:
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        try:
+            yield buffer
+        finally:
+            with self.lock:
+                self.idle.append(buffer)
+                self.idle.sort(key=lambda b: b.numel())
+                del self.idle[: max(0, len(self.idle) - self.keep)]
+
+
+_BUFFERS = _Buffers(keep=read_threads())
+
+
+def _read_into(stream: Any, start: int, buffer: Any, nbytes: int, what: str) -> None:
+    """``nbytes`` bytes of ``stream`` from ``start`` into a CPU uint8 tensor's first bytes."""
+    import ctypes
+
+    view = memoryview((ctypes.c_ubyte * nbytes).from_address(buffer.data_ptr())).cast("B") if nbytes else b""
+    stream.seek(start)
+    done = 0
+    while done < nbytes:
+        n = stream.readinto(view[done:])
+        if not n:
+            raise CheckpointFormatError(f"{what}: the file ended {nbytes - done} bytes early")
+        done += n
+
+
+def _read_direct(ckpt: CheckpointDir, run: list[Any], storage: dict[Any, Any], sizes: dict[Any, tuple[int, ...]],
+                 sink: _Sink) -> list[Any]:
+    """Read a run's tensor chunks straight from their file into a reused buffer, each placed
+    where DCP's reader would have put it; returns the items left for DCP's reader (a storage
+    transform, or an archive :func:`torchsave.locate` does not vouch for)."""
+    torch = sink.torch
+    left: list[Any] = []
+    path = storage[run[0].storage_index].relative_path
+    with ckpt.storage.open_read(path) as stream:
+        for item in run:
+            where = storage[item.storage_index]
+            info = sink.request(item).info
+            found = None
+            if not where.transform_descriptors and info.itemsize:
+                found = torchsave.locate(stream, where.offset, where.length, dtype=info.dtype or "",
+                                         itemsize=info.itemsize, sizes=sizes[item.storage_index])
+            if found is None:
+                left.append(item)
+                continue
+            with _BUFFERS.borrow(found.nbytes) as buffer:
+                _read_into(stream, where.offset + found.data_offset, buffer, found.nbytes, f"{path} ({info.key})")
+                piece = buffer[: found.nbytes].view(getattr(torch, info.dtype or "")).as_strided(
+                    found.size, found.stride, found.storage_offset)
+                for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                    piece = piece.narrow(dim, start, length)
+                sink.place(item, piece)
+    return left
+
 
 def _item_id(item: Any) -> tuple:
     return (item.dest_index.fqn, tuple(item.dest_index.offset or ()), tuple(item.storage_index.offset or ()))
@@ -182,7 +267,7 @@ def _item_id(item: Any) -> tuple:
 
 def _read_dcp(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, advance: Any, threads: int) -> dict[str, str]:
     import torch
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -217,10 +302,19 @@ def _read_dcp(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, advan
     errors: dict[str, str] = {}
     failed: list[Any] = []
     lock = threading.Lock()
+    # Local files are read by fsdpck itself, each chunk into a buffer reused per thread: DCP's
+    # reader gives every chunk a fresh tensor and then copies it (docs/benchmarks.md).
+    direct = isinstance(ckpt.storage, LocalStorage) and ckpt.format == "dcp" and DIRECT_READS
+    sizes = {MetadataIndex(key, chunk.offsets): tuple(chunk.sizes)
+             for key in {i.storage_index.fqn for i in items}
+             for chunk in raw.state_dict_metadata[key].chunks} if direct else {}
 
     def read_run(run: list[Any]) -> None:
         try:
-            reader.read_data(LoadPlan(run), sink).wait()
+            if direct:
+                run = _read_direct(ckpt, run, storage, sizes, sink)
+            if run:
+                reader.read_data(LoadPlan(run), sink).wait()
         except Exception as e:  # any failure of a run: its items are read again one by one to name the key
             with lock:
                 failed.append((run, e))

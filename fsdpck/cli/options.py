@@ -198,14 +198,7 @@ def launch_if_asked(nproc: int | None) -> None:
 
 
 def offline_progress() -> Progress:
-    """Progress for an offline command's reads, on stderr; checks FSDPCK_PROGRESS_* (exit 2 when malformed).
-
-    Also asks torch's CPU allocator for transparent huge pages (``THP_MEM_ALLOC_ENABLE``, unless
-    the user set it): the reads allocate a tensor per stored chunk, and on 4 KiB pages the page
-    faults of fresh memory cost more than the read itself (docs/benchmarks.md, "Offline reads").
-    Torch reads the variable at its first allocation, so this runs before torch is imported.
-    """
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    """Progress for an offline command's reads, on stderr; checks FSDPCK_PROGRESS_* (exit 2 when malformed)."""
     return Progress(progress_view(make_console(stderr=True), every_s=every_from_env()), after_s=after_from_env())
 
 

@@ -1,0 +1,265 @@
+"""fsdpck.checkpoint.torchsave: finding a chunk's elements in a torch.save archive, and refusing
+every archive that is not a plain tensor of what the metadata says; and the offline reader's
+direct path built on it (fsdpck.checkpoint.stream), against DCP's own reader."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsdpck.checkpoint import stream, torchsave
+from fsdpck.checkpoint.integrity import open_checkpoint
+from fsdpck.checkpoint.storage import LocalStorage
+from fsdpck.commands.offline import read_items
+from tests.ckpt_factory import chunked_ckpt, marker_command
+
+DTYPES = [getattr(torch, name) for name in torchsave.STORAGE_CLASS]
+
+
+def saved(t: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def rebuilt(raw: bytes, start: int, found: torchsave.StoredTensor, dtype: torch.dtype) -> torch.Tensor:
+    data = bytearray(raw[start + found.data_offset: start + found.data_offset + found.nbytes])
+    flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).as_strided(found.size, found.stride, found.storage_offset)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def values(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen) > 0.5
+    if dtype.is_floating_point or dtype.is_complex:
+        return (torch.randn(shape, generator=gen) * 100).to(dtype)
+    return torch.randint(-100 if dtype != torch.uint8 else 0, 100, shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_locate_finds_exactly_what_torch_saved(dtype):
+    full = values(dtype, (6, 5))
+    cases = {"contiguous": full.clone(), "column-major": full.t().contiguous().t(), "0-dim": full[1, 2].clone(),
+             "empty": full[:0].clone(), "a view with a storage offset": full[2:4]}
+    for name, t in cases.items():
+        blob = saved(t)
+        raw = b"\xffjunk-before" * 3 + blob + b"junk-after"
+        start = 36
+        found = torchsave.locate(io.BytesIO(raw), start, len(blob), dtype=dtype_name(t), itemsize=t.element_size(),
+                                 sizes=tuple(t.shape))
+        assert found is not None, name
+        assert same_bits(rebuilt(raw, start, found, dtype), t), name
+
+
+class Recording(io.BytesIO):
+    """A stream that records the byte ranges read from it."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.ranges: list[tuple[int, int]] = []
+
+    def readinto(self, buffer) -> int:
+        at = self.tell()
+        n = super().readinto(buffer)
+        self.ranges.append((at, at + n))
+        return n
+
+    def read(self, size=-1) -> bytes:
+        at = self.tell()
+        data = super().read(size)
+        self.ranges.append((at, at + len(data)))
+        return data
+
+
+def test_locate_reads_nothing_outside_the_item():
+    t = values(torch.float32, (4, 4))
+    blob = saved(t)
+    # The bytes around the item are themselves a valid archive: a read outside would find it.
+    decoy = saved(values(torch.float32, (4, 4)) + 1)
+    raw = decoy + blob + decoy
+    stream_ = Recording(raw)
+    found = torchsave.locate(stream_, len(decoy), len(blob), dtype="float32", itemsize=4, sizes=(4, 4))
+    assert found is not None and same_bits(rebuilt(raw, len(decoy), found, torch.float32), t)
+    assert stream_.ranges and all(len(decoy) <= a and b <= len(decoy) + len(blob) for a, b in stream_.ranges)
+
+
+def rezip(blob: bytes, *, replace: dict[str, bytes] | None = None, drop: tuple[str, ...] = (),
+          compress: tuple[str, ...] = ()) -> bytes:
+    """The archive ``blob`` with members replaced, dropped or deflated."""
+    src = zipfile.ZipFile(io.BytesIO(blob))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for m in src.infolist():
+            name = m.filename
+            if any(name.endswith(d) for d in drop):
+                continue
+            data = next((v for k, v in (replace or {}).items() if name.endswith(k)), src.read(m))
+            kind = zipfile.ZIP_DEFLATED if any(name.endswith(c) for c in compress) else zipfile.ZIP_STORED
+            dst.writestr(name, data, compress_type=kind)
+    return out.getvalue()
+
+
+class _Pid:
+    def __init__(self, pid):
+        self.pid = pid
+
+
+class _Rebuild:
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class _RecordPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.pid if isinstance(obj, _Pid) else None
+
+
+def record(numel: int, offset: int, size: tuple, stride: tuple, storage_class=torch.FloatStorage, key="0",
+           hooks=None) -> bytes:
+    """A data.pkl as torch.save writes it for a float32 tensor, with the fields given."""
+    import collections
+
+    buf = io.BytesIO()
+    args = (_Pid(("storage", storage_class, key, "cpu", numel)), offset, size, stride, False,
+            collections.OrderedDict() if hooks is None else hooks)
+    _RecordPickler(buf, protocol=2).dump(_Rebuild(*args))
+    return buf.getvalue()
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (marker_command(self.marker),)
+
+
+def refusals(tmp_path: Path) -> dict[str, tuple[bytes, dict]]:
+    """Archives ``locate`` must refuse, each with the metadata it is asked about."""
+    t = values(torch.float32, (3, 4))
+    blob = saved(t)
+    ask = {"dtype": "float32", "itemsize": 4, "sizes": (3, 4)}
+    evil = pickle.dumps(_Evil(tmp_path / "pwned"), protocol=2)
+    return {
+        "code in data.pkl": (rezip(blob, replace={"data.pkl": evil}), ask),
+        "another storage class": (rezip(blob, replace={"data.pkl": record(12, 0, (3, 4), (4, 1),
+                                                                           storage_class=torch.IntStorage)}), ask),
+        "a view past the storage": (rezip(blob, replace={"data.pkl": record(12, 1, (3, 4), (4, 1))}), ask),
+        "a storage larger than its record": (rezip(blob, replace={"data.pkl": record(13, 0, (3, 4), (4, 1))}), ask),
+        "a negative stride": (rezip(blob, replace={"data.pkl": record(12, 11, (3, 4), (-4, 1))}), ask),
+        "hooks": (rezip(blob, replace={"data.pkl": record(12, 0, (3, 4), (4, 1), hooks={"a": 1})}), ask),
+        "a missing storage": (rezip(blob, drop=("data/0",)), ask),
+        "a deflated storage": (rezip(blob, compress=("data/0",)), ask),
+        "big-endian": (rezip(blob, replace={"byteorder": b"big"}), ask),
+        "other sizes than the metadata's": (blob, {**ask, "sizes": (4, 3)}),
+        "another dtype than the metadata's": (blob, {**ask, "dtype": "int32"}),
+        "a dtype it does not know": (blob, {**ask, "dtype": "float8_e4m3fn", "itemsize": 1}),
+        "cut short": (blob[: len(blob) - 30], ask),
+        "not a zip": (b"\0" * len(blob), ask),
+    }
+
+
+def test_locate_refuses_anything_but_a_plain_tensor_of_the_metadata(tmp_path):
+    for name, (blob, ask) in refusals(tmp_path).items():
+        raw = b"x" * 10 + blob
+        assert torchsave.locate(io.BytesIO(raw), 10, len(blob), **ask) is None, name
+    assert not (tmp_path / "pwned").exists()
+    # Each refusal is of its archive, not of the method: the untouched archive is found.
+    t = values(torch.float32, (3, 4))
+    assert torchsave.locate(io.BytesIO(saved(t)), 0, len(saved(t)), dtype="float32", itemsize=4, sizes=(3, 4))
+
+
+@pytest.fixture(scope="module")
+def grid_ckpt(tmp_path_factory) -> Path:
+    gen = torch.Generator().manual_seed(11)
+    tensors = {
+        "w32": (torch.randn(9, 7, generator=gen), (3, 2)),
+        "bf": (torch.randn(8, 6, generator=gen).bfloat16(), (2, 3)),
+        "ids": (torch.arange(40, dtype=torch.int64).reshape(5, 8), (1, 2)),
+        "flags": (torch.rand(10, generator=gen) > 0.5, (3,)),
+        "scalar": (torch.tensor(2.5, dtype=torch.float64), ()),
+    }
+    return chunked_ckpt(tmp_path_factory.mktemp("direct") / "ck", tensors, extra={"epoch": 3})
+
+
+def read_all(path: Path, monkeypatch, *, direct: bool, stats: bool = True):
+    monkeypatch.setattr(stream, "DIRECT_READS", direct)
+    opened = open_checkpoint(LocalStorage(path))
+    return read_items(opened, list(opened.metadata.keys.values()), fingerprints=True, stats=stats)
+
+
+def close_stats(a, b) -> bool:
+    """Equal statistics, up to the order the pieces were merged in (threads finish in any order)."""
+    import dataclasses
+    import math
+
+    if a is None or b is None:
+        return a is b
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, float) and isinstance(y, float):
+            if not (x == y or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def test_direct_reads_give_what_dcps_reader_gives_and_skip_it(grid_ckpt, monkeypatch):
+    want = read_all(grid_ckpt, monkeypatch, direct=False)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    used = []
+    real = FileSystemReader.read_data
+    monkeypatch.setattr(FileSystemReader, "read_data", lambda self, plan, planner: used.append(plan) or real(
+        self, plan, planner))
+    got = read_all(grid_ckpt, monkeypatch, direct=True)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert (got[key].fingerprint, got[key].error) == (want[key].fingerprint, want[key].error), key
+        assert close_stats(got[key].stats, want[key].stats), key
+    tensor_items = [i for plan in used for i in plan.items if i.type.name == "TENSOR"]
+    assert not tensor_items, "every tensor chunk of a plain local checkpoint is read directly"
+
+
+def test_a_chunk_locate_refuses_goes_to_dcps_reader(grid_ckpt, tmp_path, monkeypatch):
+    # One chunk's archive holds code: the direct path refuses it, DCP's reader (torch.load with
+    # weights_only) refuses it too, and the error names that key only; nothing runs.
+    import shutil
+
+    from tests.ckpt_factory import storage_info
+
+    bad = tmp_path / "bad"
+    shutil.copytree(grid_ckpt, bad)
+    name, offset, length = storage_info(bad, "w32")
+    data = bytearray((bad / name).read_bytes())
+    evil = rezip(bytes(data[offset: offset + length]),
+                 replace={"data.pkl": pickle.dumps(_Evil(tmp_path / "pwned"), protocol=2)})
+    assert len(evil) <= length
+    data[offset: offset + length] = evil + b"\0" * (length - len(evil))
+    (bad / name).write_bytes(bytes(data))
+    got = read_all(bad, monkeypatch, direct=True, stats=False)
+    assert got["w32"].error and all(got[k].error is None for k in got if k != "w32"), got
+    assert not (tmp_path / "pwned").exists()
+    # The same refusal without the direct path: the outcome does not depend on it.
+    assert read_all(bad, monkeypatch, direct=False, stats=False)["w32"].error
