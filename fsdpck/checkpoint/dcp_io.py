@@ -36,30 +36,10 @@ except ImportError:  # a torch without it
 
 from fsdpck.checkpoint import nofollow, unpickler
 from fsdpck.checkpoint.metadata import METADATA_MAX_BYTES, METADATA_NAME
+from fsdpck.checkpoint.torchsave import BYTE_ITEM_MAX_BYTES, decode_byte_item
 from fsdpck.errors import CheckpointFormatError
 from fsdpck.runtime import dist as fdist
 from fsdpck.runtime import faults
-
-# Byte items are small values (param groups, a scheduler's state); larger ones are not decoded.
-BYTE_ITEM_MAX_BYTES = 64 << 20
-
-
-def decode_byte_item(data: bytes, *, source: str) -> Any:
-    """A DCP byte item's value, decoded with ``torch.load(weights_only=True)``; CheckpointFormatError otherwise."""
-    if len(data) > BYTE_ITEM_MAX_BYTES:
-        raise CheckpointFormatError(f"{source}: a byte item of {len(data)} bytes, more than the "
-                                    f"{BYTE_ITEM_MAX_BYTES} fsdpck decodes: not read")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as e:  # anything that is not plain data: refused, never run
-        text = str(e).strip().splitlines()
-        raise CheckpointFormatError(
-            f"{source}: cannot be loaded without running code (torch.load with weights_only refused it: "
-            f"{type(e).__name__}: {text[0][:200] if text else ''})"
-        ) from None
-
 
 class SafeBytes:
     """A load planner seen through a filter: its byte items are decoded with ``weights_only``.

@@ -85,7 +85,7 @@ class CheckpointDir:
 
     storage: Storage
     metadata: CheckpointMetadata | None
-    raw_metadata: Any  # DCP's Metadata (to read data through DCP); None if unreadable or opened light
+    raw_metadata: Any  # DCP's Metadata (to read data through DCP); None if unreadable or opened light (reader.dcp_metadata)
     metadata_bytes: int | None
     files: list[FileInfo]
     problems: list[Problem]
@@ -121,7 +121,7 @@ def check_location(storage: Storage, *, what: str = "DIR") -> None:
 
 def open_checkpoint(storage: Storage, *, what: str = "DIR", light: bool = False) -> CheckpointDir:
     """Read a checkpoint's metadata safely and check its integrity from metadata, listing and sizes alone
-    (``light``: without DCP's classes, for a look that reads no data; ``raw_metadata`` is then None)."""
+    (``light``: without DCP's classes; ``raw_metadata`` is then None until ``reader.dcp_metadata`` needs it)."""
     check_location(storage, what=what)
     problems: list[Problem] = []
     notes: list[str] = []

@@ -1,4 +1,5 @@
-"""Reading a checkpoint's byte items offline (one process, no process group), through DCP's own reader.
+"""Reading a checkpoint's byte items offline (one process, no process group): a local item's stored
+bytes straight from its file, anything else through DCP's own reader.
 
 Byte items come back as their raw bytes: nothing here unpickles them (``decode`` does, with
 ``weights_only``). Tensors are read a stored piece at a time by ``fsdpck.checkpoint.stream``.
@@ -13,9 +14,27 @@ import io
 import zipfile
 from typing import Any, Iterator
 
+from fsdpck.checkpoint import torchsave, unpickler
 from fsdpck.checkpoint.integrity import CheckpointDir
-from fsdpck.checkpoint.metadata import KeyInfo
+from fsdpck.checkpoint.metadata import METADATA_NAME, KeyInfo, parse_metadata
+from fsdpck.checkpoint.storage import LocalStorage
+from fsdpck.checkpoint.torchsave import BYTE_ITEM_MAX_BYTES
 from fsdpck.errors import CheckpointFormatError
+
+def dcp_metadata(ckpt: CheckpointDir) -> Any:
+    """DCP's own ``Metadata`` of a checkpoint opened light, for a read through DCP's reader: parsed
+    on first need (importing DCP only then) and kept. It must describe what the light open checked:
+    a ``.metadata`` changed since is an error, not a new set of bounds. None where unreadable."""
+    if ckpt.raw_metadata is not None or ckpt.metadata is None or ckpt.format != "dcp":
+        return ckpt.raw_metadata
+    source = f"{ckpt.url}/{METADATA_NAME}"
+    with ckpt.storage.open_read(METADATA_NAME) as stream:
+        raw = unpickler.load_metadata(stream, size=ckpt.metadata_bytes or 0, source=source)
+    if parse_metadata(raw, source=source) != ckpt.metadata:
+        raise CheckpointFormatError(f"{source}: changed while fsdpck was reading the checkpoint")
+    ckpt.raw_metadata = raw
+    return raw
+
 
 class ReadFailed(Exception):
     """An item that could not be read; the message says why in one line."""
@@ -51,10 +70,10 @@ def _raw_bytes_planner() -> Any:
 
 
 class CheckpointReader:
-    """Reads the byte items of one opened checkpoint through DCP's reader, without a process group."""
+    """Reads the byte items of one opened checkpoint, without a process group."""
 
     def __init__(self, ckpt: CheckpointDir):
-        if ckpt.metadata is None or (ckpt.format == "dcp" and ckpt.raw_metadata is None):
+        if ckpt.metadata is None:
             raise CheckpointFormatError(f"{ckpt.url}: its metadata is unreadable, so its data cannot be read")
         self.ckpt = ckpt
 
@@ -64,8 +83,8 @@ class CheckpointReader:
 
         planner = _raw_bytes_planner()
         reader = self.ckpt.storage.dcp_reader()
-        reader.preloaded = self.ckpt.raw_metadata
         try:
+            reader.preloaded = dcp_metadata(self.ckpt)
             dcp.load(state_dict, storage_reader=reader, planner=planner, no_dist=True)
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             raise ReadFailed(_describe_load_error(e)) from None
@@ -77,13 +96,18 @@ class CheckpointReader:
         Byte items are small values; one that claims more than BYTE_ITEM_MAX_BYTES is not read
         (a crafted or sparse file must not make fsdpck allocate what it claims).
         """
-        from fsdpck.checkpoint.dcp_io import BYTE_ITEM_MAX_BYTES  # torch and DCP: only once data are read
-
         big = [i for i in infos if i.stored_bytes > BYTE_ITEM_MAX_BYTES]
         for info in big:
             yield info, None, (f"a byte item of {info.stored_bytes} bytes, more than the {BYTE_ITEM_MAX_BYTES} bytes "
                                "fsdpck reads: not read")
         infos = [i for i in infos if i.stored_bytes <= BYTE_ITEM_MAX_BYTES]
+        if torchsave.DIRECT_READS and isinstance(self.ckpt.storage, LocalStorage) and self.ckpt.format == "dcp":
+            # A local item's stored bytes are read as they are (no DCP to import); transforms go to DCP.
+            plain = [i for i in infos if len(i.chunks) == 1 and i.chunks[0].storage is not None
+                     and not i.chunks[0].storage.transforms]
+            for info in plain:
+                yield (info, *self._read_stored(info))
+            infos = [i for i in infos if i not in plain]
         if not infos:
             return
         try:
@@ -99,12 +123,23 @@ class CheckpointReader:
             raw = planner.raw.get(info.key)
             yield (info, raw, None) if raw is not None else (info, None, "DCP read nothing for it")
 
+    def _read_stored(self, info: KeyInfo) -> tuple[bytes | None, str | None]:
+        """A byte item's stored bytes from its local file: the range the integrity checks bounded."""
+        ref = info.chunks[0].storage
+        try:
+            with self.ckpt.storage.open_read(ref.file) as stream:
+                stream.seek(ref.offset)
+                data = stream.read(ref.length)
+        except OSError as e:
+            return None, f"{ref.file}: cannot be read: {e.strerror or e}"
+        if len(data) != ref.length:
+            return None, f"{ref.file}: the file ended {ref.length - len(data)} bytes early"
+        return data, None
+
 
 def decode(raw: bytes, *, key: str) -> Any:
     """A byte item's value with ``torch.load(weights_only=True)``; CheckpointFormatError when it needs code."""
-    from fsdpck.checkpoint.dcp_io import decode_byte_item  # torch and DCP: only once data are read
-
-    return decode_byte_item(raw, source=f"byte item {key!r}")
+    return torchsave.decode_byte_item(raw, source=f"byte item {key!r}")
 
 
 def stored_digest(raw: bytes) -> str:

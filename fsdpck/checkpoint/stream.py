@@ -1,19 +1,24 @@
-"""Reading tensors a stored piece at a time, in parallel, through DCP's own reader.
+"""Reading tensors a stored piece at a time, in parallel.
 
 The offline commands look at every element of a checkpoint (fingerprints, statistics, an
 element diff) or at a part of one tensor (``fsdpck show --slice``). Neither needs a whole
-tensor in memory: :func:`read_pieces` asks for a box of each tensor (all of it, or a slice),
-DCP's read planning (``create_read_items_for_chunk_list``, what its own load planner uses)
-turns each box into the stored chunks that intersect it, and DCP's reader
-(``FileSystemReader.read_data``, with fsdpck's safe byte items and no-follow files) reads them.
-Each piece then goes to ``on_piece(request, global offsets, tensor)`` or into the request's
-own target tensor, and is let go: memory stays near ``threads`` × 2 × the largest stored chunk.
+tensor in memory: :func:`read_pieces` asks for a box of each tensor (all of it, or a slice), and
+each stored chunk that intersects it is read and its part handed to ``on_piece(request, global
+offsets, tensor)`` or copied into the request's own target tensor, then let go: memory stays
+near ``threads`` × the largest stored chunk.
+
+A chunk in a local file is read by fsdpck itself: :mod:`fsdpck.checkpoint.torchsave` finds its
+elements inside its ``torch.save`` archive without running the archive's pickle, and they are
+read into a buffer the process reuses, with no fresh tensor and no copy per chunk, and without
+importing DCP. Anything else — remote storage, a storage transform, an archive ``torchsave``
+does not vouch for — goes through DCP's own read planning (``create_read_items_for_chunk_list``)
+and reader (``FileSystemReader.read_data``, with fsdpck's no-follow files), as before.
 
 The reads are sorted by file and offset, grouped into runs, and the runs are read by a pool of
-threads: DCP's reader and the work on each piece (the fingerprint's C kernel, torch's
-reductions) release the GIL, so reading one run overlaps working on another. Only keys whose
-integrity checks passed may be asked for, which bounds every read by bytes that are in the
-files. A run that fails is read again one item at a time, so that each error names its key.
+threads: reads and the work on each piece (the fingerprint's C kernel, torch's reductions)
+release the GIL, so reading one run overlaps working on another. Only keys whose integrity
+checks passed may be asked for, which bounds every read by bytes that are in the files. A run
+that fails is read again one item at a time, so that each error names its key.
 """
 
 from __future__ import annotations
@@ -28,13 +33,13 @@ from typing import Any, Callable, Iterator
 
 from fsdpck.checkpoint import safetensors, torchsave
 from fsdpck.checkpoint.integrity import CheckpointDir
-from fsdpck.checkpoint.storage import LocalStorage
 from fsdpck.checkpoint.metadata import ChunkInfo, KeyInfo
+from fsdpck.checkpoint.reader import dcp_metadata
+from fsdpck.checkpoint.storage import LocalStorage
 from fsdpck.errors import CheckpointFormatError
 from fsdpck.runtime.progress import NO_PROGRESS, Progress
 
 RUN_BYTES = 16 << 20  # stored items read by one call of DCP's reader (a larger item is a run of its own)
-DIRECT_READS = True  # tests and the benchmark turn fsdpck's own reads of local chunks off, to compare
 
 
 def read_threads() -> int:
@@ -120,7 +125,15 @@ def read_pieces(ckpt: CheckpointDir, requests: list[Request], on_piece: Callable
     with progress.reading(label, planned_bytes(requests)) as advance:
         if ckpt.format == "safetensors":
             return _read_safetensors(ckpt, requests, on_piece, advance, threads)
-        return _read_dcp(ckpt, requests, on_piece, advance, threads)
+        if not (torchsave.DIRECT_READS and isinstance(ckpt.storage, LocalStorage)):
+            return _read_dcp(ckpt, requests, on_piece, advance, threads)
+        # Local files are read by fsdpck itself, each chunk into a reused buffer: DCP's reader
+        # gives every chunk a fresh tensor and then copies it, and importing DCP costs about as
+        # much as importing torch (docs/benchmarks.md, "Offline reads").
+        errors, rest = _read_local(ckpt, requests, on_piece, advance, threads)
+        if rest:
+            errors.update(_read_dcp(ckpt, rest, on_piece, advance, threads))
+        return errors
 
 
 def describe(e: BaseException) -> str:
@@ -177,15 +190,6 @@ class _Sink:
     def load_bytes(self, item: Any, value: Any) -> None:
         raise CheckpointFormatError(f"{item.dest_index.fqn}: a byte item where a tensor was expected")
 
-    def place(self, item: Any, piece: Any) -> None:
-        """A piece read by fsdpck itself, as DCP's reader would hand it over: into the request's
-        target (a copy), or straight to ``on_piece`` (no copy: it is valid only during the call)."""
-        if self.request(item).into is not None:
-            target = self.resolve_tensor(item)
-            target.copy_(piece)
-            piece = target
-        self.commit_tensor(item, piece)
-
 
 class _Buffers:
     """Buffers for stored chunks' bytes, reused by every read of the process (both sides of a diff,
@@ -232,33 +236,116 @@ def _read_into(stream: Any, start: int, buffer: Any, nbytes: int, what: str) -> 
         done += n
 
 
-def _read_direct(ckpt: CheckpointDir, run: list[Any], storage: dict[Any, Any], sizes: dict[Any, tuple[int, ...]],
-                 sink: _Sink) -> list[Any]:
-    """Read a run's tensor chunks straight from their file into a reused buffer, each placed
-    where DCP's reader would have put it; returns the items left for DCP's reader (a storage
-    transform, or an archive :func:`torchsave.locate` does not vouch for)."""
-    torch = sink.torch
-    left: list[Any] = []
-    path = storage[run[0].storage_index].relative_path
-    with ckpt.storage.open_read(path) as stream:
-        for item in run:
-            where = storage[item.storage_index]
-            info = sink.request(item).info
-            found = None
-            if not where.transform_descriptors and info.itemsize:
-                found = torchsave.locate(stream, where.offset, where.length, dtype=info.dtype or "",
-                                         itemsize=info.itemsize, sizes=sizes[item.storage_index])
-            if found is None:
-                left.append(item)
-                continue
-            with _BUFFERS.borrow(found.nbytes) as buffer:
-                _read_into(stream, where.offset + found.data_offset, buffer, found.nbytes, f"{path} ({info.key})")
-                piece = buffer[: found.nbytes].view(getattr(torch, info.dtype or "")).as_strided(
-                    found.size, found.stride, found.storage_offset)
-                for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
-                    piece = piece.narrow(dim, start, length)
-                sink.place(item, piece)
-    return left
+@dataclass(slots=True)
+class _Part:
+    """The part of one stored chunk inside a request's box (global offsets): what a read delivers."""
+
+    req: Request
+    chunk: ChunkInfo
+    box: Box
+
+
+def _parts(requests: list[Request]) -> list[_Part]:
+    return [_Part(req, chunk, part) for req in requests for chunk in req.info.chunks
+            if chunk.numel and chunk.storage is not None and (part := intersect(req.box, chunk)) is not None]
+
+
+def _runs(items: list[Any], where: Callable[[Any], tuple[str, int, int]]) -> list[list[Any]]:
+    """Items sorted by (file, offset), grouped into runs of one file and at most RUN_BYTES (or one item)."""
+    items = sorted(items, key=lambda i: where(i)[:2])
+    runs: list[list[Any]] = []
+    size = 0
+    for item in items:
+        file, _, length = where(item)
+        if not runs or size + length > RUN_BYTES or where(runs[-1][-1])[0] != file:
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += length
+    return runs
+
+
+def _deliver(req: Request, part: Box, piece: Any, on_piece: Any) -> None:
+    """A piece (the tensor of ``part``) into the request's target, or to ``on_piece``."""
+    if req.into is not None:
+        target = req.into
+        for dim, (start, length) in enumerate(zip(part.offsets, part.sizes)):
+            target = target.narrow(dim, start - req.box.offsets[dim], length)
+        target.copy_(piece)
+    elif on_piece is not None:
+        on_piece(req, part.offsets, piece)
+
+
+def _read_part(stream: Any, part: _Part, on_piece: Any) -> bool:
+    """Read one part straight from its (open) file through a reused buffer and deliver it; False
+    where it is left to DCP's reader (a storage transform, or an archive :func:`torchsave.locate`
+    does not vouch for)."""
+    import torch
+
+    info, chunk, ref = part.req.info, part.chunk, part.chunk.storage
+    if ref is None or ref.transforms or not info.itemsize:
+        return False
+    found = torchsave.locate(stream, ref.offset, ref.length, dtype=info.dtype or "", itemsize=info.itemsize,
+                             sizes=chunk.sizes)
+    if found is None:
+        return False
+    with _BUFFERS.borrow(found.nbytes) as buffer:
+        _read_into(stream, ref.offset + found.data_offset, buffer, found.nbytes, f"{ref.file} ({info.key})")
+        piece = buffer[: found.nbytes].view(getattr(torch, info.dtype or "")).as_strided(
+            found.size, found.stride, found.storage_offset)
+        for dim, (start, length) in enumerate(zip(part.box.offsets, part.box.sizes)):
+            piece = piece.narrow(dim, start - chunk.offsets[dim], length)
+        _deliver(part.req, part.box, piece, on_piece)
+    return True
+
+
+def _read_local(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, advance: Any, threads: int
+                ) -> tuple[dict[str, str], list[Request]]:
+    """Read the requests' chunks from local files without DCP: ``{key: error}``, and a request per
+    part left to DCP's reader (its box is that part, so nothing is delivered twice)."""
+    parts = _parts(requests)
+    runs = _runs(parts, lambda p: (p.chunk.storage.file, p.chunk.storage.offset, p.chunk.storage.length))
+    left: list[_Part] = []
+    done: set[int] = set()
+    failed: list[tuple[list[_Part], BaseException]] = []
+    lock = threading.Lock()
+
+    def read_run(run: list[_Part]) -> None:
+        try:
+            with ckpt.storage.open_read(run[0].chunk.storage.file) as stream:
+                for part in run:
+                    if id(part) in done:
+                        continue
+                    if _read_part(stream, part, on_piece):
+                        advance(part.chunk.storage.length)
+                    else:
+                        with lock:
+                            left.append(part)
+                    with lock:
+                        done.add(id(part))
+        except Exception as e:  # any failure of a run: its parts not yet done are read again one by one
+            with lock:
+                failed.append((run, e))
+
+    workers = max(1, min(threads, len(runs)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsdpck-read") as pool, one_torch_thread(workers):
+        list(pool.map(read_run, runs))
+        retry = [part for run, _ in failed for part in run if id(part) not in done]
+        failed.clear()
+        list(pool.map(lambda part: read_run([part]), retry))
+    errors: dict[str, str] = {}
+    for run, e in failed:
+        for part in run:
+            errors.setdefault(part.req.info.key, describe(e))
+    rest = []
+    for part in left:
+        if part.req.info.key not in errors:
+            into = part.req.into
+            if into is not None:
+                for dim, (start, length) in enumerate(zip(part.box.offsets, part.box.sizes)):
+                    into = into.narrow(dim, start - part.req.box.offsets[dim], length)
+            rest.append(Request(part.req.info, part.box, into=into))
+    return errors, rest
 
 
 def _item_id(item: Any) -> tuple:
@@ -266,12 +353,17 @@ def _item_id(item: Any) -> tuple:
 
 
 def _read_dcp(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, advance: Any, threads: int) -> dict[str, str]:
+    """Through DCP's reader (its read planning and ``FileSystemReader.read_data``): remote storage,
+    storage transforms, and what :func:`_read_local` leaves."""
     import torch
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    raw = ckpt.raw_metadata
+    try:
+        raw = dcp_metadata(ckpt)
+    except (CheckpointFormatError, OSError) as e:
+        return {req.info.key: describe(e) for req in requests}
     if raw is None:
         raise CheckpointFormatError(f"{ckpt.url}: its metadata is unreadable, so its data cannot be read")
     by_box: dict[tuple[str, tuple[int, ...]], Request] = {}
@@ -284,37 +376,18 @@ def _read_dcp(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, advan
         wanted = ChunkStorageMetadata(offsets=torch.Size(req.box.offsets), sizes=torch.Size(req.box.sizes))
         items.extend(create_read_items_for_chunk_list(req.info.key, raw.state_dict_metadata[req.info.key], [wanted]))
     storage = raw.storage_data
-    items.sort(key=lambda i: (storage[i.storage_index].relative_path, storage[i.storage_index].offset))
-    runs: list[list[Any]] = []
-    size = 0
-    for item in items:
-        where = storage[item.storage_index]
-        if not runs or size + where.length > RUN_BYTES or storage[runs[-1][-1].storage_index].relative_path != \
-                where.relative_path:
-            runs.append([])
-            size = 0
-        runs[-1].append(item)
-        size += where.length
-
+    runs = _runs(items, lambda i: (storage[i.storage_index].relative_path, storage[i.storage_index].offset,
+                                   storage[i.storage_index].length))
     reader = ckpt.storage.dcp_reader(format=ckpt.format)
     reader.set_up_storage_reader(raw, True)
     sink = _Sink(by_box, on_piece, advance, {i.storage_index: storage[i.storage_index].length for i in items})
     errors: dict[str, str] = {}
     failed: list[Any] = []
     lock = threading.Lock()
-    # Local files are read by fsdpck itself, each chunk into a buffer reused per thread: DCP's
-    # reader gives every chunk a fresh tensor and then copies it (docs/benchmarks.md).
-    direct = isinstance(ckpt.storage, LocalStorage) and ckpt.format == "dcp" and DIRECT_READS
-    sizes = {MetadataIndex(key, chunk.offsets): tuple(chunk.sizes)
-             for key in {i.storage_index.fqn for i in items}
-             for chunk in raw.state_dict_metadata[key].chunks} if direct else {}
 
     def read_run(run: list[Any]) -> None:
         try:
-            if direct:
-                run = _read_direct(ckpt, run, storage, sizes, sink)
-            if run:
-                reader.read_data(LoadPlan(run), sink).wait()
+            reader.read_data(LoadPlan(run), sink).wait()
         except Exception as e:  # any failure of a run: its items are read again one by one to name the key
             with lock:
                 failed.append((run, e))
@@ -347,13 +420,7 @@ def _read_safetensors(ckpt: CheckpointDir, requests: list[Request], on_piece: An
                     value = safetensors.read_chunk(stream, chunk, dtype=req.info.dtype or "")
                 for dim, (start, length) in enumerate(zip(part.offsets, part.sizes)):
                     value = value.narrow(dim, start - chunk.offsets[dim], length)
-                if req.into is not None:
-                    target = req.into
-                    for dim, (start, length) in enumerate(zip(part.offsets, part.sizes)):
-                        target = target.narrow(dim, start - req.box.offsets[dim], length)
-                    target.copy_(value)
-                elif on_piece is not None:
-                    on_piece(req, part.offsets, value)
+                _deliver(req, part, value, on_piece)
                 advance(chunk.storage.length)
         except (OSError, CheckpointFormatError, RuntimeError, ValueError) as e:
             with lock:

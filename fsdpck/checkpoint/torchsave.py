@@ -24,11 +24,13 @@ import io
 import math
 import pickle
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from fsdpck.checkpoint.unpickler import ClampedReader, _Constructor
+from fsdpck.errors import CheckpointFormatError
 
 # The storage class torch.save names for each dtype's elements (TypedStorage's pickle names).
 STORAGE_CLASS: dict[str, str] = {
@@ -39,7 +41,32 @@ STORAGE_CLASS: dict[str, str] = {
 }  # fmt: skip
 
 PICKLE_MAX_BYTES = 64 << 10  # a plain tensor's record is ~150 bytes
+# Whether the offline commands read local items themselves (tests turn it off to compare with DCP's reader).
+DIRECT_READS = True
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header: 30 bytes
+
+
+# Byte items are small values (param groups, a scheduler's state); larger ones are not decoded.
+BYTE_ITEM_MAX_BYTES = 64 << 20
+
+
+def decode_byte_item(data: bytes, *, source: str) -> Any:
+    """A DCP byte item's value, decoded with ``torch.load(weights_only=True)``; CheckpointFormatError otherwise."""
+    if len(data) > BYTE_ITEM_MAX_BYTES:
+        raise CheckpointFormatError(f"{source}: a byte item of {len(data)} bytes, more than the "
+                                    f"{BYTE_ITEM_MAX_BYTES} fsdpck decodes: not read")
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:  # anything that is not plain data: refused, never run
+        text = str(e).strip().splitlines()
+        raise CheckpointFormatError(
+            f"{source}: cannot be loaded without running code (torch.load with weights_only refused it: "
+            f"{type(e).__name__}: {text[0][:200] if text else ''})"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,7 +116,8 @@ def diff_checkpoints(location_a: str, location_b: str, *, key_glob: str | None =
     check_location(storage_a, what="A")
     check_location(storage_b, what="B")
     with pywarnings.captured() as seen:
-        ckpt_a, ckpt_b = open_checkpoint(storage_a, what="A"), open_checkpoint(storage_b, what="B")
+        # DCP's classes only if a read needs DCP's reader (remote storage, storage transforms).
+        ckpt_a, ckpt_b = open_checkpoint(storage_a, what="A", light=True), open_checkpoint(storage_b, what="B", light=True)
         t_open = time.perf_counter()
         problems = [Problem(p.kind, f"A: {p.message}", p.key, p.file) for p in ckpt_a.problems]
         problems += [Problem(p.kind, f"B: {p.message}", p.key, p.file) for p in ckpt_b.problems]
@@ -179,7 +180,7 @@ def diff_checkpoints(location_a: str, location_b: str, *, key_glob: str | None =
 def _digests(ckpt: CheckpointDir, infos: list[KeyInfo], progress: Progress, label: str,
              threads: int | None) -> dict[str, tuple[str | None, str | None]]:
     """key -> (fingerprint or byte-item digest, error)."""
-    if ckpt.raw_metadata is None and ckpt.format == "dcp":
+    if ckpt.metadata is None:
         return {i.key: (None, "metadata unreadable") for i in infos}
     bad = ckpt.problem_keys()
     out: dict[str, tuple[str | None, str | None]] = {i.key: (None, "integrity problem (see problems)")

@@ -120,8 +120,9 @@ def inspect_checkpoint(location: str, *, key_glob: str | None = None, verify_dat
         import torch  # noqa: F401 (a second or more of imports, timed apart from the work)
 
         t_import = time.perf_counter()
-        # Without data reads, DCP's own classes (and its imports of DTensor and FSDP) are not needed.
-        ckpt = open_checkpoint(storage, light=not (verify_data or stats))
+        # DCP's own classes (and its imports of DTensor and FSDP) are needed only where data must be
+        # read through DCP's reader (remote storage, storage transforms): the read parses them then.
+        ckpt = open_checkpoint(storage, light=True)
         t_open = time.perf_counter()
         md = ckpt.metadata
         keys = sorted(md.keys) if md is not None else []

@@ -78,7 +78,7 @@ def show_key(location: str, key: str, *, slice_expr: str | None = None, width: i
     items = parse(slice_expr) if slice_expr is not None else None
     result = ShowResult(location=storage.url, key=key, slice_text=slice_expr)
     with pywarnings.captured() as seen:
-        ckpt = open_checkpoint(storage)
+        ckpt = open_checkpoint(storage, light=True)  # DCP's classes only if the read needs DCP's reader
         md = ckpt.metadata
         if md is None:
             result.problems = list(ckpt.problems)

@@ -19,6 +19,7 @@ import ckpt_factory as cf
 from fsdpck.checkpoint import stream
 from fsdpck.checkpoint.integrity import open_checkpoint
 from fsdpck.checkpoint.storage import LocalStorage
+from fsdpck.checkpoint import torchsave
 from fsdpck.checkpoint.stream import Box, Request, read_pieces
 from fsdpck.cli import cli
 from fsdpck.commands.diff import diff_checkpoints
@@ -93,7 +94,20 @@ def test_show_whole_tensor_scalar_and_objects(ckpt):
 
 
 def test_show_reads_only_what_the_slice_needs(ckpt, monkeypatch):
-    """A slice inside one chunk reads that chunk alone (DCP's read planning over the narrowed box)."""
+    """A slice inside one chunk reads that chunk alone: fsdpck's own read of the local file, or
+    DCP's read planning over the narrowed box where DCP's reader is used."""
+    parts = []
+    original_part = stream._read_part
+
+    def spy_part(stream_, part, on_piece):
+        parts.append((part.req.info.key, part.box, part.chunk.offsets))
+        return original_part(stream_, part, on_piece)
+
+    monkeypatch.setattr(stream, "_read_part", spy_part)
+    result = show_key(str(ckpt), "model.w", slice_expr="0:2,0:2")
+    assert parts == [("model.w", Box((0, 0), (2, 2)), (0, 0))] and result.chunks_read == 1
+    assert torch.equal(torch.tensor(result.values), W[0:2, 0:2])
+
     asked = []
     original = stream._read_dcp
 
@@ -101,6 +115,7 @@ def test_show_reads_only_what_the_slice_needs(ckpt, monkeypatch):
         asked.extend((r.info.key, r.box) for r in requests)
         return original(ckpt_dir, requests, *args)
 
+    monkeypatch.setattr(torchsave, "DIRECT_READS", False)
     monkeypatch.setattr(stream, "_read_dcp", spy)
     result = show_key(str(ckpt), "model.w", slice_expr="0:2,0:2")
     assert asked == [("model.w", Box((0, 0), (2, 2)))] and result.chunks_read == 1

@@ -203,7 +203,7 @@ def grid_ckpt(tmp_path_factory) -> Path:
 
 
 def read_all(path: Path, monkeypatch, *, direct: bool, stats: bool = True):
-    monkeypatch.setattr(stream, "DIRECT_READS", direct)
+    monkeypatch.setattr(torchsave, "DIRECT_READS", direct)
     opened = open_checkpoint(LocalStorage(path))
     return read_items(opened, list(opened.metadata.keys.values()), fingerprints=True, stats=stats)
 
@@ -263,3 +263,25 @@ def test_a_chunk_locate_refuses_goes_to_dcps_reader(grid_ckpt, tmp_path, monkeyp
     assert not (tmp_path / "pwned").exists()
     # The same refusal without the direct path: the outcome does not depend on it.
     assert read_all(bad, monkeypatch, direct=False, stats=False)["w32"].error
+
+
+def test_offline_commands_on_a_local_checkpoint_do_not_import_dcp(grid_ckpt):
+    # Importing torch.distributed.checkpoint costs about as much as importing torch; a local
+    # checkpoint read by fsdpck itself (tensors and byte items) must not need it.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fsdpck.cli import cli\n"
+        "for args in (['inspect', sys.argv[1], '--verify-data', '--stats'], ['diff', sys.argv[1], sys.argv[1]],\n"
+        "             ['show', sys.argv[1], 'w32', '--slice', '0:2']):\n"
+        "    try:\n"
+        "        cli.main(args, standalone_mode=False)\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, (args, e.code)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(grid_ckpt)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
