@@ -752,6 +752,23 @@ def test_fused_statistics_sum_finite_values_whose_float_sum_overflows(dtype):
         assert (got[2], got[3]) == (want[2], want[3])
 
 
+@pytest.mark.skipif(not c_available(), reason="no C compiler here")
+def test_the_two_pass_statistics_of_other_compilers_pass_the_self_check(tmp_path, monkeypatch):
+    # GCC builds sum float32/bfloat16 pieces inside the hashing loop; other compilers take the
+    # second pass over the piece. Built here with -DFSDPCK_TWO_PASS, that path must load and pass
+    # the statistics' self-check (clean and non-finite values of every dtype, fused and alone).
+    from fsdpck.fingerprint import ckernel
+
+    monkeypatch.setattr(ckernel, "_c_stats", [])
+    monkeypatch.setattr(ckernel, "_c_libraries", [])
+    path = tmp_path / "two-pass.so"
+    flags = (*ckernel._C_FLAG_SETS[0], "-DFSDPCK_TWO_PASS")
+    assert ckernel._compile_c_kernel(ckernel._c_compiler(), flags, ckernel._C_SOURCE.read_bytes(), path) is None
+    fn, why = ckernel._load_c_kernel(path)
+    assert fn is not None, why
+    assert ckernel._c_stats, "the two-pass statistics failed their self-check"
+
+
 def test_fused_statistics_are_not_used_for_small_or_integer_chunks():
     with forced_backend(None):
         assert dispatch.fp_chunk_stats(torch.ones(8), global_shape=(8,), offsets=(0,))[1] is None
