@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,7 +35,7 @@ except ImportError:  # a torch without it
 
 from fsdpck.checkpoint import nofollow, unpickler
 from fsdpck.checkpoint.metadata import METADATA_MAX_BYTES, METADATA_NAME
-from fsdpck.checkpoint.torchsave import BYTE_ITEM_MAX_BYTES, decode_byte_item
+from fsdpck.checkpoint.torchsave import decode_byte_item
 from fsdpck.errors import CheckpointFormatError
 from fsdpck.runtime import dist as fdist
 from fsdpck.runtime import faults
