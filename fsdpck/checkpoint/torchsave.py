@@ -7,15 +7,21 @@ itself (docs/benchmarks.md, "Offline reads"). :func:`locate` instead reads the a
 directory and its small ``data.pkl`` and says where the raw elements are, so that the offline
 commands can read them straight into a buffer they reuse.
 
-``data.pkl`` comes from a stranger like the rest of the dir, and it is never handed to
-``pickle``'s free loader: the unpickler here admits exactly the names a plain tensor's record
-uses (``torch._utils._rebuild_tensor_v2``, ``collections.OrderedDict`` and one storage class),
-each resolving to a sealed constructor of fsdpck's own that only records its arguments; the
-storage arrives as a persistent id, recorded likewise. Anything else — another global, a
-compressed or oversized record, a byte order other than little, a storage that does not hold
-the elements its record claims, a view reaching outside it — makes :func:`locate` return None,
-and the caller reads that chunk through DCP's own reader instead. The archive is read through a
-window on the item's byte range, so no read leaves it.
+Everything here comes from a stranger, and what fsdpck reads must be what ``torch.load`` (and so
+``fsdpck load``) would read, or it could vouch for bytes DCP never loads. So the zip is read by
+:func:`members`, stricter than Python's ``zipfile`` and than torch's reader: one end record with
+no comment, the central directory exactly where that record says and nowhere else, at most
+:data:`MAX_MEMBERS` stored (uncompressed, unencrypted, not zip64) members with unique printable
+ASCII names under one top dir, each local header naming its member, no two members overlapping.
+``data.pkl`` is never handed to ``pickle``'s free loader: the unpickler here admits exactly the
+names a plain tensor's record uses (``torch._utils._rebuild_tensor_v2``, ``collections.OrderedDict``
+and the one storage class of the dtype the metadata names), each resolving to a sealed
+constructor that returns a record of fsdpck's own, which no pickle can make otherwise or change
+(``BUILD`` on it fails). Anything else — another global, a byte order other than ``little``, no
+``version`` record, a storage that does not hold exactly the elements its record claims, a view
+reaching outside it — makes :func:`locate` return None, and the caller reads that chunk through
+DCP's own reader instead. The archive is read through a window on the item's byte range, so no
+read leaves it (tests/unit/test_torchsave.py plants each of these).
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import math
 import pickle
 import struct
 import warnings
-import zipfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -43,7 +48,14 @@ STORAGE_CLASS: dict[str, str] = {
 PICKLE_MAX_BYTES = 64 << 10  # a plain tensor's record is ~150 bytes
 # Whether the offline commands read local items themselves (tests turn it off to compare with DCP's reader).
 DIRECT_READS = True
-_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header: 30 bytes
+MAX_MEMBERS = 64  # a torch.save archive of one tensor has 7
+_END = struct.Struct("<4sHHHHIIH")  # the zip's end of central directory record: 22 bytes
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # a central directory entry: 46 bytes
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # a local file header: 30 bytes
+_ZIP64_END = struct.Struct("<4sQHHIIQQQQ")  # the zip64 end of central directory record: 56 bytes
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")  # its locator: 20 bytes
+_FLAGS = 0x0808  # the only flags allowed: a data descriptor follows (bit 3), UTF-8 names (bit 11)
+_ZIP64 = 0xFFFFFFFF
 
 
 # Byte items are small values (param groups, a scheduler's state); larger ones are not decoded.
@@ -111,56 +123,158 @@ class Window(io.RawIOBase):
         return n
 
 
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A stored member of a zip: its data's offset from the archive's first byte, and its size."""
+
+    offset: int
+    size: int
+
+
+def _exactly(window: Window, n: int) -> bytes | None:
+    data = window.read(n)
+    return data if len(data) == n else None
+
+
+def members(raw: BinaryIO, start: int, length: int) -> dict[str, Member] | None:
+    """The members of the zip archive at ``start`` (``length`` bytes of ``raw``), by name in
+    directory order; None unless it is laid out as described at the top of this module."""
+    if length < _END.size:
+        return None
+    window = Window(raw, start, length)
+    window.seek(length - _END.size)
+    end = _exactly(window, _END.size)
+    if end is None:
+        return None
+    sig, disk, cd_disk, n_here, n, cd_size, cd_offset, comment = _END.unpack(end)
+    if (sig != b"PK\x05\x06" or disk or cd_disk or n_here != n or comment or not 0 < n <= MAX_MEMBERS
+            or cd_size > n * (_CENTRAL.size + 1024)):
+        return None
+    # torch writes a zip64 end record and its locator between the directory and the end record;
+    # they must say what the end record says (a reader that trusts either finds the same directory).
+    between = length - _END.size - (cd_offset + cd_size)
+    if between == _ZIP64_END.size + _ZIP64_LOCATOR.size:
+        window.seek(cd_offset + cd_size)
+        tail = _exactly(window, between)
+        if tail is None:
+            return None
+        z_sig, z_len, _, _, z_disk, z_cd_disk, z_here, z_n, z_size, z_offset = _ZIP64_END.unpack_from(tail)
+        l_sig, l_disk, l_at, l_disks = _ZIP64_LOCATOR.unpack_from(tail, _ZIP64_END.size)
+        if (z_sig != b"PK\x06\x06" or z_len != _ZIP64_END.size - 12 or z_disk or z_cd_disk
+                or (z_here, z_n, z_size, z_offset) != (n, n, cd_size, cd_offset)
+                or l_sig != b"PK\x06\x07" or l_disk or l_at != cd_offset + cd_size or l_disks != 1):
+            return None
+    elif between != 0:
+        return None
+    window.seek(cd_offset)
+    directory = _exactly(window, cd_size)
+    if directory is None:
+        return None
+    out: dict[str, Member] = {}
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for _ in range(n):
+        if pos + _CENTRAL.size > len(directory):
+            return None
+        entry = _CENTRAL.unpack_from(directory, pos)
+        sig, flags, method, packed, size, name_len, extra_len, comment_len, header = (
+            entry[0], entry[3], entry[4], entry[8], entry[9], entry[10], entry[11], entry[12], entry[16])
+        raw_name = directory[pos + _CENTRAL.size: pos + _CENTRAL.size + name_len]
+        pos += _CENTRAL.size + name_len + extra_len + comment_len
+        if (sig != b"PK\x01\x02" or flags & ~_FLAGS or method != 0 or packed != size or _ZIP64 in (size, header)
+                or len(raw_name) != name_len or pos > len(directory)):
+            return None
+        try:
+            name = raw_name.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        if not name.isprintable() or name in out:
+            return None
+        window.seek(header)
+        local = _exactly(window, _LOCAL.size)
+        if local is None:
+            return None
+        local_sig, local_name_len, local_extra_len = local[:4], *_LOCAL.unpack(local)[9:]
+        if local_sig != b"PK\x03\x04" or _exactly(window, local_name_len) != raw_name:
+            return None
+        data = header + _LOCAL.size + local_name_len + local_extra_len
+        if data + size > cd_offset:
+            return None
+        out[name] = Member(data, size)
+        spans.append((header, data + size))
+    spans.sort()
+    if pos != len(directory) or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return None
+    return out
+
+
+def read_member(raw: BinaryIO, start: int, member: Member) -> bytes | None:
+    raw.seek(start + member.offset)
+    data = raw.read(member.size)
+    return data if len(data) == member.size else None
+
+
 class _Refused(Exception):
     pass
 
 
-class _StorageClass:
-    __slots__ = ("name",)
+class _Record:
+    """What the admitted names make: fresh, sealed holders of what the pickle passed, which a pickle
+    cannot make otherwise (no global resolves to these classes) nor change (``BUILD`` fails)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple):
+        object.__setattr__(self, "args", args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise _Refused("a record cannot be changed")
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Refused("BUILD on a record")
+
+
+class _Tensor(_Record):
+    __slots__ = ()
+
+
+class _Hooks(_Record):
+    __slots__ = ()
+
+
+class _Storage(_Record):
+    __slots__ = ()
+
+
+class _StorageClass(_Record):
+    __slots__ = ()
 
 
 class _TensorRecordUnpickler(pickle.Unpickler):
     def __init__(self, file: BinaryIO, storage_class: str):
         super().__init__(file)
         self.storage_class = storage_class
-        self.storages: list[tuple[str, int]] = []
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _Constructor(lambda *args: ("tensor", args), "rebuild")
+            return _Constructor(lambda *args: _Tensor(args), "rebuild")
         if (module, name) == ("collections", "OrderedDict"):
-            return _Constructor(lambda *args: ("hooks", args), "hooks")
+            return _Constructor(lambda *args: _Hooks(args), "hooks")
         if module == "torch" and name == self.storage_class:
-            return _StorageClass(name)
+            return _StorageClass((name,))
         raise _Refused(f"{module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageClass)
-                and isinstance(pid[2], str) and isinstance(pid[4], int) and not isinstance(pid[4], bool)):
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[1]) is _StorageClass
+                and type(pid[2]) is str and type(pid[4]) is int):
             raise _Refused("persistent id")
-        self.storages.append((pid[2], pid[4]))
-        return ("storage", pid[2], pid[4])
+        return _Storage((pid[2], pid[4]))
 
 
 def _ints(value: Any) -> tuple[int, ...] | None:
-    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if type(value) is not tuple or not all(type(v) is int for v in value):
         return None
     return value
-
-
-def _data_offset(window: Window, info: zipfile.ZipInfo) -> int | None:
-    """Where a stored member's bytes start, from its local header (its central entry may differ)."""
-    window.seek(info.header_offset)
-    header = window.read(_LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size:
-        return None
-    fields = _LOCAL_HEADER.unpack(header)
-    if fields[0] != b"PK\x03\x04":
-        return None
-    return info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
 
 
 def locate(raw: BinaryIO, start: int, length: int, *, dtype: str, itemsize: int,
@@ -174,55 +288,45 @@ def locate(raw: BinaryIO, start: int, length: int, *, dtype: str, itemsize: int,
     storage_class = STORAGE_CLASS.get(dtype)
     if storage_class is None or length <= 0:
         return None
-    window = Window(raw, start, length)
     try:
-        with zipfile.ZipFile(io.BufferedReader(window, 1 << 16)) as archive:
-            members = archive.infolist()
-            if any(m.compress_type != zipfile.ZIP_STORED or m.flag_bits & 0x1 for m in members):
-                return None
-            pkl = [m for m in members if m.filename.endswith("/data.pkl") and m.filename.count("/") == 1]
-            if len(pkl) != 1 or pkl[0].file_size > PICKLE_MAX_BYTES:
-                return None
-            prefix = pkl[0].filename[: -len("data.pkl")]
-            by_name = {m.filename: m for m in members}
-            order = by_name.get(prefix + "byteorder")
-            if order is not None and (order.file_size > 16 or archive.read(order).strip() != b"little"):
-                return None
-            record = archive.read(pkl[0])
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, KeyError,
-            NotImplementedError, RuntimeError, struct.error):
+        found = members(raw, start, length)
+        if not found:
+            return None
+        prefix = next(iter(found)).split("/", 1)[0] + "/"
+        pkl, order = found.get(prefix + "data.pkl"), found.get(prefix + "byteorder")
+        if (prefix == "/" or not all(name.startswith(prefix) for name in found) or prefix + "version" not in found
+                or pkl is None or pkl.size > PICKLE_MAX_BYTES or order is None
+                or read_member(raw, start, order) != b"little"):
+            return None
+        record = read_member(raw, start, pkl)
+        if record is None:
+            return None
+        obj = _TensorRecordUnpickler(io.BytesIO(record), storage_class).load()
+        return _placed(obj, found, prefix, itemsize, sizes, length)
+    except Exception:  # any oddity (a crafted pickle, an unreadable range): not vouched for; DCP's reader decides
         return None
-    unpickler = _TensorRecordUnpickler(io.BufferedReader(ClampedReader(io.BytesIO(record), len(record))),
-                                       storage_class)
-    try:
-        obj = unpickler.load()
-    except (_Refused, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, RecursionError, MemoryError, struct.error):
+
+
+def _placed(obj: Any, found: dict[str, Member], prefix: str, itemsize: int, sizes: tuple[int, ...],
+            length: int) -> StoredTensor | None:
+    """The checked record as a StoredTensor, or None."""
+    if type(obj) is not _Tensor or len(obj.args) not in (6, 7):
         return None
-    if not (isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "tensor"):
+    storage, offset, size, stride, _, hooks = obj.args[:6]
+    if type(storage) is not _Storage or type(hooks) is not _Hooks or hooks.args != ():
         return None
-    args = obj[1]
-    if len(args) not in (6, 7) or not (isinstance(args[0], tuple) and args[0][:1] == ("storage",)):
+    if len(obj.args) == 7 and obj.args[6] is not None:
         return None
-    _, key, numel = args[0]
-    offset, size, stride = args[1], _ints(args[2]), _ints(args[3])
-    if (not isinstance(offset, int) or isinstance(offset, bool) or size is None or stride is None
-            or len(size) != len(stride) or tuple(size) != tuple(sizes) or offset < 0 or numel < 0
-            or any(n < 0 for n in size) or any(s < 0 for s in stride)
-            or not (isinstance(args[5], tuple) and args[5] == ("hooks", ()))
-            or (len(args) == 7 and args[6] is not None)):
+    key, numel = storage.args
+    size, stride = _ints(size), _ints(stride)
+    if (type(offset) is not int or size is None or stride is None or len(size) != len(stride)
+            or size != tuple(sizes) or offset < 0 or numel < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride)):
         return None
     # The view's last element must lie in the storage (an empty view needs nothing of it).
     if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= numel:
         return None
-    member = by_name.get(f"{prefix}data/{key}")
-    if member is None or member.file_size != numel * itemsize:
+    member = found.get(f"{prefix}data/{key}")
+    if member is None or member.size != numel * itemsize or not 0 <= member.offset <= length - member.size:
         return None
-    try:
-        data_offset = _data_offset(window, member)
-    except (OSError, ValueError):
-        return None
-    if data_offset is None or data_offset + member.file_size > length:
-        return None
-    return StoredTensor(data_offset=data_offset, nbytes=member.file_size, storage_offset=offset,
+    return StoredTensor(data_offset=member.offset, nbytes=member.size, storage_offset=offset,
                         size=tuple(size), stride=tuple(stride))

@@ -4,9 +4,13 @@ direct path built on it (fsdpck.checkpoint.stream), against DCP's own reader."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
+import struct
+import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -285,3 +289,117 @@ def test_offline_commands_on_a_local_checkpoint_do_not_import_dcp(grid_ckpt):
     out = subprocess.run([sys.executable, "-c", code, str(grid_ckpt)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
+
+
+# Archives crafted entry by entry: what Python's zipfile and torch's reader read differently.
+_LH = struct.Struct("<4sHHHHHIIIHH")
+_CD = struct.Struct("<4sHHHHHHIIIHHHHHII")
+_EOCD = struct.Struct("<4sHHHHIIH")
+
+
+def build_zip(entries: list[tuple[bytes, bytes]], *, directory: list[int] | None = None, cd_offset_shift: int = 0,
+              comment: bytes = b"", offsets: dict[int, int] | None = None) -> bytes:
+    """A stored zip of (name, data) entries; ``directory`` lists the entries the central directory
+    names (repeats allowed), ``offsets`` overrides an entry's local-header offset there."""
+    out, where = bytearray(), []
+    for name, data in entries:
+        where.append(len(out))
+        out += _LH.pack(b"PK\x03\x04", 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data), len(name), 0)
+        out += name + data
+    start = len(out)
+    listed = directory if directory is not None else list(range(len(entries)))
+    for i in listed:
+        name, data = entries[i]
+        at = (offsets or {}).get(i, where[i])
+        out += _CD.pack(b"PK\x01\x02", 20, 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data), len(name), 0, 0,
+                        0, 0, 0, at)
+        out += name
+    size = len(out) - start
+    out += _EOCD.pack(b"PK\x05\x06", 0, 0, len(listed), len(listed), size, start + cd_offset_shift, len(comment))
+    return bytes(out + comment)
+
+
+def entries_of(t: torch.Tensor) -> list[tuple[bytes, bytes]]:
+    archive = zipfile.ZipFile(io.BytesIO(saved(t)))
+    return [(m.filename.encode(), archive.read(m)) for m in archive.infolist()]
+
+
+def found_bits(blob: bytes, t: torch.Tensor) -> torch.Tensor | None:
+    got = torchsave.locate(io.BytesIO(blob), 0, len(blob), dtype=dtype_name(t), itemsize=t.element_size(),
+                           sizes=tuple(t.shape))
+    return None if got is None else rebuilt(blob, 0, got, t.dtype)
+
+
+def test_a_plainly_built_archive_is_found():
+    # The crafted refusals below each differ from this one in one thing.
+    t = values(torch.float32, (2, 4))
+    assert same_bits(found_bits(build_zip(entries_of(t)), t), t)
+    assert same_bits(found_bits(rezip(saved(t)), t), t)  # and what the refusals above are made from
+
+
+def test_locate_refuses_archives_two_readers_would_read_differently():
+    t = values(torch.float32, (2, 4))
+    other = torch.full((2, 4), 1000.0)
+    good, bad = entries_of(t), entries_of(other)
+    data = next(i for i, (n, _) in enumerate(good) if n.endswith(b"data/0"))
+    order = next(i for i, (n, _) in enumerate(good) if n.endswith(b"byteorder"))
+    # A NUL in a name: zipfile cuts the name there, torch does not (the real member holds 1000s).
+    nul = [*bad, (good[data][0] + b"\x00decoy", good[data][1])]
+    # The same name twice.
+    twice = [*good, (good[data][0], bad[data][1])]
+    # Two central directories: the end record points at one, zipfile would read the other.
+    blob_good = build_zip(good)
+    cases = {
+        "a NUL in a name": build_zip(nul),
+        "a name twice": build_zip(twice),
+        "a directory entry listed twice": build_zip(good, directory=[*range(len(good)), data]),
+        "the directory elsewhere than the end record says": build_zip(good, cd_offset_shift=-10),
+        "a directory offset past the directory": build_zip(good, cd_offset_shift=+7),
+        "a comment": build_zip(good, comment=b"x"),
+        "a member's header offset elsewhere": build_zip(good, offsets={data: 0}),
+        "byteorder 'little\\n'": build_zip([(n, b"little\n" if i == order else d) for i, (n, d) in enumerate(good)]),
+        "no version record": build_zip([e for e in good if not e[0].endswith(b"/version")]),
+        "a member outside the top dir": build_zip([*good, (b"other/x", b"1")]),
+        "too many members": build_zip([*good, *[(b"archive/pad%d" % i, b"") for i in range(torchsave.MAX_MEMBERS)]]),
+        "cut before its end record": blob_good[:-1],
+    }
+    for name, blob in cases.items():
+        assert found_bits(blob, t) is None, name
+    assert same_bits(found_bits(blob_good, t), t)
+
+
+def test_a_pickle_cannot_forge_or_change_the_records():
+    t = values(torch.float32, (2, 4))
+    entries = entries_of(t)
+    pkl = next(i for i, (n, _) in enumerate(entries) if n.endswith(b"data.pkl"))
+    real = entries[pkl][1]
+
+    def with_record(record: bytes) -> bytes:
+        return build_zip([(n, record if i == pkl else d) for i, (n, d) in enumerate(entries)])
+
+    # The tuples fsdpck's records hold, pickled plainly (no global at all): not a record.
+    forged = pickle.dumps(("tensor", (("storage", "0", 8), 0, (2, 4), (4, 1), False, ("hooks", ()))), protocol=2)
+    assert found_bits(with_record(forged), t) is None
+    # BUILD aimed at the record the rebuild made: refused by the record itself, before any check.
+    build = real[:-1] + b"N}X\x04\x00\x00\x00args)s\x86b."
+    with pytest.raises(torchsave._Refused):
+        torchsave._TensorRecordUnpickler(io.BytesIO(build), "FloatStorage").load()
+    assert found_bits(with_record(build), t) is None
+    record = torchsave._Tensor((1, 2))
+    with pytest.raises(torchsave._Refused):
+        record.args = ()
+    assert same_bits(found_bits(with_record(real), t), t)
+
+
+def test_stored_digest_costs_what_the_bytes_are():
+    # Thousands of directory entries naming one member: hashing them all would be quadratic.
+    from fsdpck.checkpoint.reader import stored_digest
+
+    entries = [(b"archive/data.pkl", b"x" * (1 << 16)), (b"archive/version", b"3")]
+    blob = build_zip(entries, directory=[0] * 4000 + [1])
+    t0 = time.perf_counter()
+    digest = stored_digest(blob)
+    assert time.perf_counter() - t0 < 1.0
+    assert digest == hashlib.blake2b(blob, digest_size=8).hexdigest()  # not an archive fsdpck reads: hashed whole
+    plain = build_zip(entries)
+    assert stored_digest(plain) != hashlib.blake2b(plain, digest_size=8).hexdigest()  # a real one: by records
