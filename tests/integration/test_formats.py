@@ -105,6 +105,25 @@ def test_fixtures_are_what_they_say(old):
         assert FIXTURES.stat().st_size < 300_000
 
 
+def test_torch_211_archives_are_read_directly(old):
+    # The offline commands read every tensor chunk torch 2.11 wrote themselves (a refusal would
+    # fall back to DCP's reader in silence: correct, but slower and importing DCP).
+    from fsdpck.checkpoint import torchsave
+    from fsdpck.checkpoint.integrity import open_checkpoint
+    from fsdpck.checkpoint.storage import LocalStorage
+
+    for name, path in old.items():
+        ckpt = open_checkpoint(LocalStorage(path), light=True)
+        chunks = [(info, c) for info in ckpt.metadata.keys.values() if info.kind == "tensor" for c in info.chunks
+                  if c.numel and c.storage is not None]
+        assert chunks, name
+        for info, c in chunks:
+            with open(path / c.storage.file, "rb") as f:
+                found = torchsave.locate(f, c.storage.offset, c.storage.length, dtype=info.dtype,
+                                         itemsize=info.itemsize, sizes=c.sizes)
+            assert found is not None, (name, info.key, c.offsets)
+
+
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_torch_211_checkpoints_load_exactly_at_other_world_sizes(old, nproc, tmp_path):
     dirs = [str(p) for name, p in old.items() if int(name[2]) != nproc]
