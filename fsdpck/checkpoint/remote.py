@@ -20,6 +20,7 @@ rules about symlinks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import re
@@ -46,10 +47,30 @@ def redact(url: str) -> str:
     return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", url)
 
 
+class OneLineAsyncio(logging.Filter):
+    """fsspec runs its requests on an asyncio loop; when the store goes away mid-write, requests
+    nobody awaits any more fail there, and asyncio logs each ("Task exception was never retrieved")
+    with its traceback, into the middle of a cluster log. fsdpck reports the failure itself (the
+    rank, the phase, exit 3); these become one line each (``FSDPCK_DEBUG=1`` keeps the tracebacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and os.environ.get("FSDPCK_DEBUG") != "1":
+            error = record.exc_info[1]
+            text = str(error).strip().splitlines()
+            record.msg = (f"fsdpck: a background storage request failed as well: {type(error).__name__}: "
+                          f"{text[0][:300] if text else ''}").rstrip(": ")
+            record.args = ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def open_url(url: str, *, what: str = "DIR") -> Any:
     """The storage a URL names: ``file://`` is a local dir; anything else goes through fsspec."""
     if url.startswith("file://"):
         return LocalStorage(Path(url[len("file://"):]).expanduser().absolute())
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, OneLineAsyncio) for f in asyncio_log.filters):
+        asyncio_log.addFilter(OneLineAsyncio())
     if _MISSING is not None:
         raise UsageError(f"{what} {redact(url)}: URLs need fsspec and its file system for the scheme; install the "
                          f"extra: pip install 'fsdpck[s3]' ({_MISSING})")

@@ -398,3 +398,34 @@ def test_diff_table_lists_differences_first(tmp_path):
     body = [ln for ln in r.output.splitlines() if ln.startswith("│")]
     assert "step" in body[0] and "DIFFERENT" in body[0]
     assert len(body) == n_plain()  # few enough keys to list the same ones too
+
+
+def test_asyncio_tracebacks_of_background_storage_requests_become_one_line():
+    # A store that goes away mid-write fails requests nobody awaits any more; asyncio logs each
+    # with a traceback. Once a URL is opened, they are one line each (FSDPCK_DEBUG=1 keeps them).
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, gc, sys\n"
+        "from fsdpck.checkpoint import remote\n"
+        "try:\n"
+        "    remote.open_url('memory://fsdpck-test')\n"
+        "except Exception:\n"
+        "    pass\n"
+        "async def boom():\n"
+        "    raise ConnectionError('Could not connect to the endpoint URL')\n"
+        "async def main():\n"
+        "    task = asyncio.ensure_future(boom())\n"
+        "    await asyncio.sleep(0.01)\n"
+        "    del task\n"
+        "    gc.collect()\n"
+        "asyncio.run(main())\n"
+    )
+    for debug, traceback in (("0", False), ("1", True)):
+        env = {**os.environ, "FSDPCK_DEBUG": debug}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert ("Traceback" in out.stderr) is traceback, out.stderr
+        assert "Could not connect to the endpoint URL" in out.stderr
