@@ -295,7 +295,7 @@ def locate(raw: BinaryIO, start: int, length: int, *, dtype: str, itemsize: int,
         prefix = next(iter(found)).split("/", 1)[0] + "/"
         pkl, order = found.get(prefix + "data.pkl"), found.get(prefix + "byteorder")
         if (prefix == "/" or not all(name.startswith(prefix) for name in found) or prefix + "version" not in found
-                or pkl is None or pkl.size > PICKLE_MAX_BYTES or order is None
+                or pkl is None or pkl.size > PICKLE_MAX_BYTES or order is None or order.size != len(b"little")
                 or read_member(raw, start, order) != b"little"):
             return None
         record = read_member(raw, start, pkl)

@@ -403,3 +403,13 @@ def test_stored_digest_costs_what_the_bytes_are():
     assert digest == hashlib.blake2b(blob, digest_size=8).hexdigest()  # not an archive fsdpck reads: hashed whole
     plain = build_zip(entries)
     assert stored_digest(plain) != hashlib.blake2b(plain, digest_size=8).hexdigest()  # a real one: by records
+
+
+def test_locate_reads_only_small_records_whatever_the_directory_claims():
+    # A byteorder record of 8 MiB: refused from its size, never read in full.
+    t = values(torch.float32, (2, 4))
+    entries = [(n, b"little" * (1 << 20) + b"ab" if n.endswith(b"byteorder") else d) for n, d in entries_of(t)]
+    blob = build_zip(entries)
+    stream_ = Recording(blob)
+    assert torchsave.locate(stream_, 0, len(blob), dtype="float32", itemsize=4, sizes=(2, 4)) is None
+    assert max(b - a for a, b in stream_.ranges) <= 1 << 16
