@@ -265,13 +265,17 @@ def _runs(items: list[Any], where: Callable[[Any], tuple[str, int, int]]) -> lis
     return runs
 
 
+def _narrow(t: Any, part: Box, origin: tuple[int, ...]) -> Any:
+    """The view of ``part`` (global offsets) in a tensor whose first element is at global ``origin``."""
+    for dim, (start, length) in enumerate(zip(part.offsets, part.sizes)):
+        t = t.narrow(dim, start - origin[dim], length)
+    return t
+
+
 def _deliver(req: Request, part: Box, piece: Any, on_piece: Any) -> None:
     """A piece (the tensor of ``part``) into the request's target, or to ``on_piece``."""
     if req.into is not None:
-        target = req.into
-        for dim, (start, length) in enumerate(zip(part.offsets, part.sizes)):
-            target = target.narrow(dim, start - req.box.offsets[dim], length)
-        target.copy_(piece)
+        _narrow(req.into, part, req.box.offsets).copy_(piece)
     elif on_piece is not None:
         on_piece(req, part.offsets, piece)
 
@@ -293,8 +297,7 @@ def _read_part(stream: Any, part: _Part, on_piece: Any) -> bool:
         _read_into(stream, ref.offset + found.data_offset, buffer, found.nbytes, f"{ref.file} ({info.key})")
         piece = buffer[: found.nbytes].view(getattr(torch, info.dtype or "")).as_strided(
             found.size, found.stride, found.storage_offset)
-        for dim, (start, length) in enumerate(zip(part.box.offsets, part.box.sizes)):
-            piece = piece.narrow(dim, start - chunk.offsets[dim], length)
+        piece = _narrow(piece, part.box, chunk.offsets)
         _deliver(part.req, part.box, piece, on_piece)
     return True
 
@@ -341,10 +344,8 @@ def _read_local(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, adv
     for part in left:
         if part.req.info.key not in errors:
             into = part.req.into
-            if into is not None:
-                for dim, (start, length) in enumerate(zip(part.box.offsets, part.box.sizes)):
-                    into = into.narrow(dim, start - part.req.box.offsets[dim], length)
-            rest.append(Request(part.req.info, part.box, into=into))
+            rest.append(Request(part.req.info, part.box,
+                                into=None if into is None else _narrow(into, part.box, part.req.box.offsets)))
     return errors, rest
 
 
@@ -418,8 +419,7 @@ def _read_safetensors(ckpt: CheckpointDir, requests: list[Request], on_piece: An
                     continue
                 with ckpt.storage.open_read(chunk.storage.file) as stream:
                     value = safetensors.read_chunk(stream, chunk, dtype=req.info.dtype or "")
-                for dim, (start, length) in enumerate(zip(part.offsets, part.sizes)):
-                    value = value.narrow(dim, start - chunk.offsets[dim], length)
+                value = _narrow(value, part, chunk.offsets)
                 _deliver(req, part, value, on_piece)
                 advance(chunk.storage.length)
         except (OSError, CheckpointFormatError, RuntimeError, ValueError) as e:

@@ -289,14 +289,17 @@ FSDPCK_INLINE fsdpck_vf load_f32(const float *p) {
     return v;
 }
 
+FSDPCK_INLINE fsdpck_vf vf_of_bits(fsdpck_vi bits) {
+    fsdpck_vf f;
+    __builtin_memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 FSDPCK_INLINE fsdpck_vf load_bf16(const uint16_t *p) {
     typedef uint16_t vh __attribute__((vector_size(FSDPCK_L * 2)));
     vh h;
     __builtin_memcpy(&h, p, sizeof h);
-    fsdpck_vi bits = __builtin_convertvector(h, fsdpck_vi) << 16;
-    fsdpck_vf v;
-    __builtin_memcpy(&v, &bits, sizeof v);
-    return v;
+    return vf_of_bits(__builtin_convertvector(h, fsdpck_vi) << 16);
 }
 
 FSDPCK_INLINE fsdpck_vf load_f16(const uint16_t *p) {
@@ -452,11 +455,6 @@ FSDPCK_SUM_CLEAN(sum_clean_f32, float, load_f32, FSDPCK_AS_IS)
 /* bfloat16's clean sum takes 16 values a load: a 32-bit lane holds two, the even one becomes a
  * float by a shift and the odd one by a mask, where widening 8 values to 32 bits costs a
  * conversion and a shift per 8 (this pass was 40 % of the fingerprint's time). */
-FSDPCK_INLINE fsdpck_vf vf_of_bits(fsdpck_vi bits) {
-    fsdpck_vf f;
-    __builtin_memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 FSDPCK_INLINE double sum_clean_bf16(const uint16_t *p, int64_t n) {
     fsdpck_acc a;
