@@ -11,6 +11,7 @@ severe fsdpck code across ranks (3 > 2 > 1 > 0).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,16 +42,23 @@ def exit_code_from(worker_codes: list[int]) -> int:
     return EXIT_OK
 
 
+def quiet_launcher_logs() -> None:
+    """The launcher's log lines ("Sending process ... closing signal", the failure summary, its
+    error-file reader's tracebacks) are not the user's business: fsdpck's workers say what
+    happened. torch's get_logger gives each module's logger a level of its own, so every one is
+    set, not only the parents."""
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher")
+    for name in [*prefixes, *(n for n in list(logging.root.manager.loggerDict) if n.startswith(prefixes))]:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
 def run_workers(nproc: int, argv: list[str]) -> int:
     """Start ``nproc`` workers running ``python -m fsdpck <argv>`` (the command line as given, -n
     included), wait, and return the fsdpck exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # The launcher's INFO/WARNING lines ("Sending process ... closing signal", the failure
-    # summary) are not the user's business: fsdpck's workers say what happened.
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    quiet_launcher_logs()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N workers must not each take every core
     os.environ[WORKER_ENV] = "1"
     config = LaunchConfig(
@@ -82,8 +90,13 @@ def write_elastic_error_file(message: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
+    # Written whole or not at all: a rank the launcher ends mid-write must not leave an empty file,
+    # which the launcher cannot parse (it raised JSONDecodeError instead of the ranks' failure).
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(path, "w") as f:
+        with open(tmp, "w") as f:
             json.dump({"message": message, "timestamp": int(time.time())}, f)
+        os.replace(tmp, path)
     except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.remove(tmp)

@@ -223,3 +223,31 @@ def test_a_drill_fires_only_on_its_phase_and_rank(monkeypatch):
 ])
 def test_dash_n_exit_code_is_the_most_severe_fsdpck_code(codes: list[int], expected: int):
     assert launch.exit_code_from(codes) == expected
+
+
+def test_the_launchers_own_module_loggers_are_silenced(monkeypatch):
+    # torch gives each elastic module's logger a level of its own: setting the parents' is not enough
+    # (a rank's half-written error file once put the launcher's traceback into fsdpck's output).
+    import logging
+
+    import torch.distributed.elastic.multiprocessing.errors  # noqa: F401 (creates its logger)
+
+    from fsdpck.runtime import launch
+
+    errors_log = logging.getLogger("torch.distributed.elastic.multiprocessing.errors")
+    monkeypatch.setattr(errors_log, "level", logging.WARNING)
+    launch.quiet_launcher_logs()
+    assert not errors_log.isEnabledFor(logging.CRITICAL)
+
+
+def test_the_elastic_error_file_is_written_whole(tmp_path, monkeypatch):
+    import json
+
+    from fsdpck.runtime import launch
+
+    target = tmp_path / "error.json"
+    target.write_text("")  # what a rank ended mid-write used to leave
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(target))
+    launch.write_elastic_error_file("rank 1 during save: boom")
+    assert json.loads(target.read_text())["message"] == "rank 1 during save: boom"
+    assert [p.name for p in tmp_path.iterdir()] == ["error.json"]  # no temporary left behind
