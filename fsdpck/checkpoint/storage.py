@@ -97,6 +97,8 @@ class LocalStorage:
             return None
         except OSError as e:
             raise UsageError(f"{self.url}: {e.strerror}") from None
+        except ValueError:  # a NUL byte in the path: no file system has such a name
+            raise UsageError(f"{self.url!r}: a path cannot hold a NUL byte") from None
         return _kind_of(st.st_mode)
 
     def child(self, name: str) -> LocalStorage:

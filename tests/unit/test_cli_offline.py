@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ckpt_factory as cf
@@ -264,6 +264,8 @@ _tokens = st.sampled_from(["--chunks", "--key", "--verify-data", "--json", "--ve
 @settings(max_examples=40, deadline=None)
 @given(command=st.sampled_from(["inspect", "diff"]), args=st.lists(_tokens | st.text(max_size=6), max_size=4),
        dirs=st.integers(0, 3))
+@example(command="inspect", args=["\x00"], dirs=0)  # a NUL in DIR itself (found by this test: a traceback)
+@example(command="diff", args=["a\x00b", "."], dirs=0)
 def test_fuzzed_arguments_never_crash(command, args, dirs):
     """Any mix of options and strings: exit 0, 1 or 2 with a message, never a traceback."""
     good = str(cf.plain_ckpt())
