@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fsdpck.checkpoint.unpickler import record_class
+from fsdpck.checkpoint.unpickler import TorchName, record_class
 from fsdpck.errors import CheckpointFormatError
 
 KIND_TENSOR = "tensor"
@@ -145,9 +145,20 @@ def _classes(light: bool) -> tuple[type, type, type, type, type]:
     return Metadata, MetadataIndex, _StorageInfo, TensorStorageMetadata, BytesStorageMetadata
 
 
-def _parse(md: Any, source: str, light: bool) -> CheckpointMetadata:
-    import torch
+def _dtype(dtype: Any, light: bool, where: str) -> tuple[str, int]:
+    """(name, element size) of a tensor's dtype: a torch.dtype, or in light mode the unpickler's name for one."""
+    if light:
+        if type(dtype) is TorchName and dtype.kind == "dtype":
+            return dtype.name, dtype.itemsize
+    else:
+        import torch
 
+        if isinstance(dtype, torch.dtype):
+            return str(dtype).removeprefix("torch."), dtype.itemsize
+    raise CheckpointFormatError(f"{where}: dtype {short(dtype)} is not a torch.dtype")
+
+
+def _parse(md: Any, source: str, light: bool) -> CheckpointMetadata:
     Metadata, MetadataIndex, _StorageInfo, TensorStorageMetadata, BytesStorageMetadata = _classes(light)
 
     if not isinstance(md, Metadata):
@@ -190,9 +201,7 @@ def _parse(md: Any, source: str, light: bool) -> CheckpointMetadata:
         if not isinstance(key, str):
             raise CheckpointFormatError(f"{source}: state_dict_metadata has a key {short(key)} that is not a string")
         if isinstance(item, TensorStorageMetadata):
-            dtype = getattr(item.properties, "dtype", None)
-            if not isinstance(dtype, torch.dtype):
-                raise CheckpointFormatError(f"{source}: key {key!r}: dtype {short(dtype)} is not a torch.dtype")
+            dtype_name, itemsize = _dtype(getattr(item.properties, "dtype", None), light, f"{source}: key {key!r}")
             shape = _ints(item.size, f"{source}: key {key!r} size")
             if not isinstance(item.chunks, (list, tuple)):
                 raise CheckpointFormatError(f"{source}: key {key!r}: chunks is a {type(item.chunks).__name__}")
@@ -204,8 +213,8 @@ def _parse(md: Any, source: str, light: bool) -> CheckpointMetadata:
                 if ref is not None:
                     used.add((key, offsets))
                 chunks.append(ChunkInfo(offsets=offsets, sizes=sizes, storage=ref))
-            keys[key] = KeyInfo(key=key, kind=KIND_TENSOR, shape=shape, dtype=str(dtype).removeprefix("torch."),
-                                itemsize=dtype.itemsize, chunks=tuple(chunks))
+            keys[key] = KeyInfo(key=key, kind=KIND_TENSOR, shape=shape, dtype=dtype_name, itemsize=itemsize,
+                                chunks=tuple(chunks))
         elif isinstance(item, BytesStorageMetadata):
             ref = refs.get((key, None))
             if ref is not None:

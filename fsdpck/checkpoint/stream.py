@@ -10,7 +10,8 @@ near ``threads`` × the largest stored chunk.
 A chunk in a local file is read by fsdpck itself: :mod:`fsdpck.checkpoint.torchsave` finds its
 elements inside its ``torch.save`` archive without running the archive's pickle, and they are
 read into a buffer the process reuses, with no fresh tensor and no copy per chunk, and without
-importing DCP. Anything else — remote storage, a storage transform, an archive ``torchsave``
+importing DCP or torch: the piece goes to ``on_piece`` as memory (:class:`~fsdpck.checkpoint.piece.Piece`),
+which the C kernels read by address. Anything else — remote storage, a storage transform, an archive ``torchsave``
 does not vouch for — goes through DCP's own read planning (``create_read_items_for_chunk_list``)
 and reader (``FileSystemReader.read_data``, with fsdpck's no-follow files), as before.
 
@@ -23,8 +24,10 @@ that fails is read again one item at a time, so that each error names its key.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,6 +37,7 @@ from typing import Any, Callable, Iterator
 from fsdpck.checkpoint import safetensors, torchsave
 from fsdpck.checkpoint.integrity import CheckpointDir
 from fsdpck.checkpoint.metadata import ChunkInfo, KeyInfo
+from fsdpck.checkpoint.piece import Piece
 from fsdpck.checkpoint.reader import dcp_metadata
 from fsdpck.checkpoint.storage import LocalStorage
 from fsdpck.errors import CheckpointFormatError
@@ -50,9 +54,12 @@ def read_threads() -> int:
 @contextmanager
 def one_torch_thread(workers: int) -> Iterator[None]:
     """With several reading threads, each works on its own piece with one intra-op thread: torch's own
-    threads on top of them would oversubscribe the cores (measured: 1.5-2x slower on 2 cores)."""
-    import torch
-
+    threads on top of them would oversubscribe the cores (measured: 1.5-2x slower on 2 cores). Nothing
+    to do where torch is not imported (the C kernels work on one thread each)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     before = torch.get_num_threads()
     if workers > 1 and before > 1:
         torch.set_num_threads(1)
@@ -117,7 +124,7 @@ def read_pieces(ckpt: CheckpointDir, requests: list[Request], on_piece: Callable
     """Read every request's box; returns ``{key: one-line error}`` for the keys that could not be read.
 
     ``on_piece`` is called from the reading threads (it must be thread-safe) with each piece's
-    global offsets and a tensor that is only valid during the call. A key with an error may
+    global offsets and a :class:`~fsdpck.checkpoint.piece.Piece` that is only valid during the call. A key with an error may
     have had some of its pieces handed over already: its results must be dropped.
     """
     requests = [r for r in requests if r.box.numel > 0]
@@ -182,13 +189,23 @@ class _Sink:
         req = self.request(item)
         if self.on_piece is not None and req.into is None:
             offsets = tuple(o + d for o, d in zip(req.box.offsets, item.dest_offsets))
-            self.on_piece(req, offsets, tensor)
+            self.on_piece(req, offsets, Piece.of_tensor(tensor))
         with self.lock:
             self.committed.add(_item_id(item))
         self.advance(self.lengths.get(item.storage_index, 0))
 
     def load_bytes(self, item: Any, value: Any) -> None:
         raise CheckpointFormatError(f"{item.dest_index.fqn}: a byte item where a tensor was expected")
+
+
+class _Buffer:
+    """Memory for one stored chunk's bytes, and its address (for the kernels, and for a tensor view)."""
+
+    def __init__(self, nbytes: int):
+        self.memory = bytearray(max(nbytes, 1))
+        self.view = memoryview(self.memory)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+        self.size = len(self.memory)
 
 
 class _Buffers:
@@ -198,35 +215,31 @@ class _Buffers:
 
     def __init__(self, keep: int):
         self.keep = keep
-        self.idle: list[Any] = []
+        self.idle: list[_Buffer] = []
         self.lock = threading.Lock()
 
     @contextmanager
-    def borrow(self, nbytes: int) -> Iterator[Any]:
-        import torch
-
+    def borrow(self, nbytes: int) -> Iterator[_Buffer]:
         with self.lock:
-            fits = [i for i, b in enumerate(self.idle) if b.numel() >= nbytes]  # idle is sorted by size
+            fits = [i for i, b in enumerate(self.idle) if b.size >= nbytes]  # idle is sorted by size
             buffer = self.idle.pop(fits[0]) if fits else None
         if buffer is None:
-            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            buffer = _Buffer(nbytes)
         try:
             yield buffer
         finally:
             with self.lock:
                 self.idle.append(buffer)
-                self.idle.sort(key=lambda b: b.numel())
+                self.idle.sort(key=lambda b: b.size)
                 del self.idle[: max(0, len(self.idle) - self.keep)]
 
 
 _BUFFERS = _Buffers(keep=read_threads())
 
 
-def _read_into(stream: Any, start: int, buffer: Any, nbytes: int, what: str) -> None:
-    """``nbytes`` bytes of ``stream`` from ``start`` into a CPU uint8 tensor's first bytes."""
-    import ctypes
-
-    view = memoryview((ctypes.c_ubyte * nbytes).from_address(buffer.data_ptr())).cast("B") if nbytes else b""
+def _read_into(stream: Any, start: int, buffer: _Buffer, nbytes: int, what: str) -> None:
+    """``nbytes`` bytes of ``stream`` from ``start`` into the buffer's first bytes."""
+    view = buffer.view[:nbytes]
     stream.seek(start)
     done = 0
     while done < nbytes:
@@ -272,10 +285,10 @@ def _narrow(t: Any, part: Box, origin: tuple[int, ...]) -> Any:
     return t
 
 
-def _deliver(req: Request, part: Box, piece: Any, on_piece: Any) -> None:
-    """A piece (the tensor of ``part``) into the request's target, or to ``on_piece``."""
+def _deliver(req: Request, part: Box, piece: Piece, on_piece: Any) -> None:
+    """A piece (the elements of ``part``) into the request's target, or to ``on_piece``."""
     if req.into is not None:
-        _narrow(req.into, part, req.box.offsets).copy_(piece)
+        _narrow(req.into, part, req.box.offsets).copy_(piece.tensor())
     elif on_piece is not None:
         on_piece(req, part.offsets, piece)
 
@@ -284,8 +297,6 @@ def _read_part(stream: Any, part: _Part, on_piece: Any) -> bool:
     """Read one part straight from its (open) file through a reused buffer and deliver it; False
     where it is left to DCP's reader (a storage transform, or an archive :func:`torchsave.locate`
     does not vouch for)."""
-    import torch
-
     info, chunk, ref = part.req.info, part.chunk, part.chunk.storage
     if ref is None or ref.transforms or not info.itemsize:
         return False
@@ -295,10 +306,9 @@ def _read_part(stream: Any, part: _Part, on_piece: Any) -> bool:
         return False
     with _BUFFERS.borrow(found.nbytes) as buffer:
         _read_into(stream, ref.offset + found.data_offset, buffer, found.nbytes, f"{ref.file} ({info.key})")
-        piece = buffer[: found.nbytes].view(getattr(torch, info.dtype or "")).as_strided(
-            found.size, found.stride, found.storage_offset)
-        piece = _narrow(piece, part.box, chunk.offsets)
-        _deliver(part.req, part.box, piece, on_piece)
+        piece = Piece(buffer.address + found.storage_offset * info.itemsize, info.dtype or "", info.itemsize,
+                      found.size, found.stride, buffer)
+        _deliver(part.req, part.box, piece.narrow(part.box.offsets, part.box.sizes, chunk.offsets), on_piece)
     return True
 
 
@@ -419,7 +429,7 @@ def _read_safetensors(ckpt: CheckpointDir, requests: list[Request], on_piece: An
                     continue
                 with ckpt.storage.open_read(chunk.storage.file) as stream:
                     value = safetensors.read_chunk(stream, chunk, dtype=req.info.dtype or "")
-                value = _narrow(value, part, chunk.offsets)
+                value = Piece.of_tensor(value).narrow(part.offsets, part.sizes, chunk.offsets)
                 _deliver(req, part, value, on_piece)
                 advance(chunk.storage.length)
         except (OSError, CheckpointFormatError, RuntimeError, ValueError) as e:

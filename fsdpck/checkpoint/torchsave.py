@@ -62,11 +62,28 @@ _ZIP64 = 0xFFFFFFFF
 BYTE_ITEM_MAX_BYTES = 64 << 20
 
 
+# The pickle opcodes of plain data (None, bools, ints, floats, strings, lists, tuples, dicts) that
+# torch's weights_only unpickler handles, and handles as Python's pickle does: a pickle of only
+# these is decoded without torch (:func:`_plain_value`), to the same value.
+_PLAIN_OPS = frozenset({
+    "PROTO", "STOP", "MARK", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE",
+    "EMPTY_LIST", "EMPTY_DICT", "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE", "LONG1", "BINGET",
+    "LONG_BINGET", "BINPUT", "LONG_BINPUT", "APPEND", "APPENDS", "SETITEM", "SETITEMS",
+})
+
+
 def decode_byte_item(data: bytes, *, source: str) -> Any:
-    """A DCP byte item's value, decoded with ``torch.load(weights_only=True)``; CheckpointFormatError otherwise."""
+    """A DCP byte item's value, as ``torch.load(weights_only=True)`` decodes it; CheckpointFormatError otherwise.
+
+    Plain data in an archive :func:`members` vouches for is decoded here without torch (its import
+    costs more than a gigabyte's read, docs/benchmarks.md); anything else goes to ``torch.load``.
+    """
     if len(data) > BYTE_ITEM_MAX_BYTES:
         raise CheckpointFormatError(f"{source}: a byte item of {len(data)} bytes, more than the "
                                     f"{BYTE_ITEM_MAX_BYTES} fsdpck decodes: not read")
+    plain, value = _plain_value(data)
+    if plain:
+        return value
     import torch
 
     try:
@@ -79,6 +96,32 @@ def decode_byte_item(data: bytes, *, source: str) -> Any:
             f"{source}: cannot be loaded without running code (torch.load with weights_only refused it: "
             f"{type(e).__name__}: {text[0][:200] if text else ''})"
         ) from None
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise _Refused(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused("persistent id")
+
+
+def _plain_value(data: bytes) -> tuple[bool, Any]:
+    """(True, the value) when ``data`` is an archive whose ``data.pkl`` uses only :data:`_PLAIN_OPS`
+    (no global, no storage: nothing but plain data); (False, None) for anything else."""
+    import pickletools
+
+    try:
+        found = _archive(io.BytesIO(data), 0, len(data))
+        pkl = found[1].get(found[0] + "data.pkl") if found is not None else None
+        if pkl is None or pkl.size > PICKLE_MAX_BYTES:
+            return False, None
+        record = read_member(io.BytesIO(data), 0, pkl)
+        if record is None or any(op.name not in _PLAIN_OPS for op, _, _ in pickletools.genops(record)):
+            return False, None
+        return True, _NoGlobals(io.BytesIO(record)).load()
+    except Exception:  # anything else is torch.load's to decode or refuse
+        return False, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,14 +332,12 @@ def locate(raw: BinaryIO, start: int, length: int, *, dtype: str, itemsize: int,
     if storage_class is None or length <= 0:
         return None
     try:
-        found = members(raw, start, length)
-        if not found:
+        archive = _archive(raw, start, length)
+        if archive is None:
             return None
-        prefix = next(iter(found)).split("/", 1)[0] + "/"
-        pkl, order = found.get(prefix + "data.pkl"), found.get(prefix + "byteorder")
-        if (prefix == "/" or not all(name.startswith(prefix) for name in found) or prefix + "version" not in found
-                or pkl is None or pkl.size > PICKLE_MAX_BYTES or order is None or order.size != len(b"little")
-                or read_member(raw, start, order) != b"little"):
+        prefix, found = archive
+        pkl = found.get(prefix + "data.pkl")
+        if pkl is None or pkl.size > PICKLE_MAX_BYTES:
             return None
         record = read_member(raw, start, pkl)
         if record is None:
@@ -305,6 +346,20 @@ def locate(raw: BinaryIO, start: int, length: int, *, dtype: str, itemsize: int,
         return _placed(obj, found, prefix, itemsize, sizes, length)
     except Exception:  # any oddity (a crafted pickle, an unreadable range): not vouched for; DCP's reader decides
         return None
+
+
+def _archive(raw: BinaryIO, start: int, length: int) -> tuple[str, dict[str, Member]] | None:
+    """(the top dir with its "/", the members) of a ``torch.save`` archive as :func:`members` reads it,
+    every member under one top dir, with a ``version`` record and the byte order ``little``; else None."""
+    found = members(raw, start, length) if length > 0 else None
+    if not found:
+        return None
+    prefix = next(iter(found)).split("/", 1)[0] + "/"
+    order = found.get(prefix + "byteorder")
+    if (prefix == "/" or not all(name.startswith(prefix) for name in found) or prefix + "version" not in found
+            or order is None or order.size != len(b"little") or read_member(raw, start, order) != b"little"):
+        return None
+    return prefix, found
 
 
 def _placed(obj: Any, found: dict[str, Member], prefix: str, itemsize: int, sizes: tuple[int, ...],

@@ -39,6 +39,7 @@ import pickle
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO, Callable
 
+from fsdpck.checkpoint.dtypes import ITEMSIZE, LAYOUTS, MEMORY_FORMATS
 from fsdpck.errors import CheckpointFormatError
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -179,6 +180,65 @@ def record_class(name: str) -> type:
     return _Sealed(name, (base,), {"__slots__": (), "__module__": __name__, **RECORD_DEFAULTS.get(name, {})})
 
 
+class TorchName(metaclass=_Sealed):
+    """A dtype, layout or memory format of torch in light mode: its name (and a dtype's element size)."""
+
+    __slots__ = ("kind", "name", "itemsize")
+
+    def __init__(self, kind: str, name: str, itemsize: int | None = None):
+        for field, value in (("kind", kind), ("name", name), ("itemsize", itemsize)):
+            object.__setattr__(self, field, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError(f"refused to set {name!r} on torch.{self.name}")
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is TorchName and (self.kind, self.name) == (other.kind, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.name))
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+    def __reduce__(self):  # never pickled anywhere
+        raise TypeError("a light-mode torch name is not picklable")
+
+
+def _torch_name(name: str) -> TorchName | None:
+    """``torch.<name>`` in light mode: a known dtype, layout or memory format; else torch's own answer."""
+    if name in ITEMSIZE:
+        return TorchName("dtype", name, ITEMSIZE[name])
+    if name in LAYOUTS:
+        return TorchName("layout", name)
+    if name in MEMORY_FORMATS:
+        return TorchName("memory_format", name)
+    import torch  # a name this table does not know (a newer torch's dtype): torch decides
+
+    value = getattr(torch, name, None)
+    if isinstance(value, torch.dtype):
+        return TorchName("dtype", str(value).removeprefix("torch."), value.itemsize)
+    if isinstance(value, (torch.layout, torch.memory_format)):
+        return TorchName("layout" if isinstance(value, torch.layout) else "memory_format", name)
+    return None
+
+
+def _size_record(values: Any) -> tuple:
+    """``torch.Size(values)`` in light mode: a plain tuple (parse_metadata checks its items)."""
+    if type(values) not in (tuple, list):
+        raise pickle.UnpicklingError(f"torch.Size of a {type(values).__name__}")
+    return tuple(values)
+
+
+def _layout_record(name: Any) -> TorchName:
+    """``torch.serialization._get_layout`` in light mode: only a known layout's name."""
+    if isinstance(name, str) and name.startswith("torch."):
+        found = _torch_name(name[len("torch."):])
+        if found is not None and found.kind == "layout":
+            return found
+    raise pickle.UnpicklingError(f"{name!r} is not the name of a torch.layout")
+
+
 def _memory_format_code(value: Any) -> int:
     """``_MEM_FORMAT_ENCODING(value)`` in light mode: the enum's value itself, one of its three."""
     if type(value) is not int or not 0 <= value <= 2:
@@ -205,35 +265,55 @@ def _memory_format_encoding(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def resolve(module: str, name: str, light: bool = False) -> Any:
-    """What a .metadata pickle gets for the global ``module.name``, or None when it is not admitted."""
+    """What a .metadata pickle gets for the global ``module.name``, or None when it is not admitted.
+    ``light``: nothing of torch is imported (unless a dtype is not in ``fsdpck.checkpoint.dtypes``)."""
+    origin = ADMITTED.get((module, name))
+    if light:
+        return _resolve_light(module, name, origin)
     import torch
 
-    origin = ADMITTED.get((module, name))
-    if origin == "dcp class" and light:
-        return record_class(name)
     if origin == "dcp class":
         import torch.distributed.checkpoint.filesystem as dcp_fs
         import torch.distributed.checkpoint.metadata as dcp_md
 
         return _stand_in(getattr(dcp_md if module == _DCP_METADATA else dcp_fs, name))
     if origin == "memory format enum":
-        return _Constructor(_memory_format_code if light else _memory_format_encoding, f"{module}.{name}")
+        return _Constructor(_memory_format_encoding, f"{module}.{name}")
     if origin == "torch.Size":
         return torch.Size
-    if origin == "OrderedDict":
-        from collections import OrderedDict
-
-        return OrderedDict
     if origin == "layout by name":
         return _Constructor(_layout_from_name, f"{module}.{name}")
-    if origin == "posix path":
-        return _Constructor(PurePosixPath, f"{module}.{name}")
-    if origin == "windows path":
-        return _Constructor(PureWindowsPath, f"{module}.{name}")
     if module == "torch" and "." not in name:
         value = getattr(torch, name, None)
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             return value
+    return _resolve_common(module, name, origin)
+
+
+def _resolve_light(module: str, name: str, origin: str | None) -> Any:
+    """:func:`resolve` in light mode: records and names of fsdpck's own."""
+    if origin == "dcp class":
+        return record_class(name)
+    if origin == "memory format enum":
+        return _Constructor(_memory_format_code, f"{module}.{name}")
+    if origin == "torch.Size":
+        return _Constructor(_size_record, "torch.Size")
+    if origin == "layout by name":
+        return _Constructor(_layout_record, f"{module}.{name}")
+    if module == "torch" and "." not in name and origin is None:
+        return _torch_name(name)
+    return _resolve_common(module, name, origin)
+
+
+def _resolve_common(module: str, name: str, origin: str | None) -> Any:
+    if origin == "OrderedDict":
+        from collections import OrderedDict
+
+        return OrderedDict
+    if origin == "posix path":
+        return _Constructor(PurePosixPath, f"{module}.{name}")
+    if origin == "windows path":
+        return _Constructor(PureWindowsPath, f"{module}.{name}")
     return None
 
 

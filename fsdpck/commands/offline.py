@@ -17,13 +17,14 @@ from typing import Any, Iterable
 
 from fsdpck.checkpoint.integrity import CheckpointDir
 from fsdpck.checkpoint.metadata import KIND_BYTES, KIND_TENSOR, KeyInfo
+from fsdpck.checkpoint.piece import Piece
 from fsdpck.checkpoint.reader import CheckpointReader, decode, stored_digest
 from fsdpck.checkpoint.stream import Box, Request, read_pieces
 from fsdpck.commands.stats import ValueStats, piece_stats
 from fsdpck.errors import CheckpointFormatError, UsageError
-from fsdpck.fingerprint import MASK64, fp_chunk, fp_tensor, to_hex
+from fsdpck.fingerprint import MASK64, fp_piece, fp_tensor, to_hex
 from fsdpck.runtime.progress import NO_PROGRESS, Progress
-from fsdpck.state.canonical import canonical, digest
+from fsdpck.state.canonical import canonical, digest, is_tensor
 
 
 def select_keys(keys: Iterable[str], glob: str | None, *, option: str = "--key", where: str = "") -> list[str]:
@@ -45,19 +46,8 @@ def tensor_fingerprint(t: Any) -> str:
     return to_hex(fp_tensor(t))
 
 
-def piece_fingerprint(t: Any, shape: tuple[int, ...], offsets: tuple[int, ...]) -> int:
-    """The partial fingerprint of a piece at ``offsets`` of a tensor of ``shape`` (as :func:`tensor_fingerprint` sums)."""
-    import torch
-
-    if t.element_size() > 8 and t.is_complex():
-        t, shape, offsets = torch.view_as_real(t), (*shape, 2), (*offsets, 0)
-    return fp_chunk(t, global_shape=shape, offsets=offsets)
-
-
 def short_repr(obj: Any, limit: int = 48) -> str:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
+    if is_tensor(obj):
         text = f"tensor({list(obj.shape)}, {str(obj.dtype).removeprefix('torch.')})"
     else:
         try:
@@ -121,9 +111,9 @@ def read_items(ckpt: CheckpointDir, infos: list[KeyInfo], *, fingerprints: bool 
     merged: dict[str, ValueStats] = {i.key: ValueStats() for i in tensors}
     lock = threading.Lock()
 
-    def on_piece(req: Request, offsets: tuple[int, ...], t: Any) -> None:
-        fp = piece_fingerprint(t, req.info.shape or (), offsets) if fingerprints else 0
-        st = piece_stats(t) if stats else None
+    def on_piece(req: Request, offsets: tuple[int, ...], piece: Piece) -> None:
+        fp = fp_piece(piece, global_shape=req.info.shape or (), offsets=offsets) if fingerprints else 0
+        st = piece_stats(piece) if stats else None
         with lock:
             sums[req.info.key] = (sums[req.info.key] + fp) & MASK64
             if st is not None:

@@ -21,6 +21,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fsdpck.checkpoint.piece import Piece
+from fsdpck.fingerprint.ckernel import value_stats_c
+
 BLOCK = 1 << 18  # elements per block: 1 MiB of float32, which stays in a core's L2 cache over the passes
 
 
@@ -97,7 +100,22 @@ def _nonzero(block: Any) -> int:
 
 
 def piece_stats(t: Any) -> ValueStats:
-    """The statistics of one tensor (a stored piece, a slice), in blocks of BLOCK elements."""
+    """The statistics of one tensor or :class:`~fsdpck.checkpoint.piece.Piece` (a stored piece, a
+    slice): a contiguous piece of a dtype the C kernel knows there, without torch; otherwise with
+    torch, in blocks of BLOCK elements."""
+    if isinstance(t, Piece):
+        real = t.real_view()
+        if real.contiguous and (got := value_stats_c(real.address, real.dtype, real.numel)) is not None:
+            (zeros, nan, posinf, neginf, finite), lo, hi, mean, m2 = got
+            return ValueStats(numel=real.numel, zeros=zeros, nan=nan, posinf=posinf, neginf=neginf, finite=finite,
+                              min=lo, max=hi, mean=mean if finite else 0.0, m2=m2 if finite else 0.0)
+        if real.numel == 0:
+            return ValueStats()
+        t = t.tensor()
+    return _tensor_stats(t)
+
+
+def _tensor_stats(t: Any) -> ValueStats:
     import torch
 
     if t.is_complex():

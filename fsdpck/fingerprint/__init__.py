@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fsdpck.fingerprint.dispatch import BACKEND_ENV, backend, backend_detail, fp_chunk, fp_chunk_stats
+from fsdpck.fingerprint.dispatch import BACKEND_ENV, backend, backend_detail, fp_chunk, fp_chunk_stats, fp_piece
 from fsdpck.fingerprint.reference import MASK64, fp_reference, mix64, to_hex
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKEND_ENV", "MASK64", "backend", "backend_detail", "fp_chunk", "fp_chunk_stats", "fp_reference",
+__all__ = ["BACKEND_ENV", "MASK64", "backend", "backend_detail", "fp_chunk", "fp_chunk_stats", "fp_piece", "fp_reference",
            "fp_tensor", "mix64", "to_hex"]
 
 

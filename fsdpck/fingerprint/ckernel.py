@@ -43,6 +43,9 @@ _c_libraries: list[Any] = []
 _c_stats: list[Any] = []
 # Codes of the floating dtypes the statistics routine reads (fsdpck_stats in _fpkernel.c).
 _STATS_CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
+# The value-statistics routine (fsdpck_value_stats), when it passed its self-check, and its dtype codes.
+_c_values: list[Any] = []
+VALUE_CODES = {**_STATS_CODES, "int8": 10, "uint8": 11, "bool": 11, "int16": 12, "int32": 13, "int64": 14}
 # (ThreadPoolExecutor, its size, the pid that made it) for splitting large CPU chunks.
 _c_pool: tuple[Any, int, int] | None = None
 
@@ -189,6 +192,12 @@ def _load_c_kernel(path: Path) -> tuple[Any, str]:
         fused.restype = ctypes.c_uint64
         # Statistics that fail their check are left unused; the fingerprint still serves.
         _c_stats[:] = [fused] if _stats_self_check(stats, fn, fused) is None else []
+    values = getattr(lib, "fsdpck_value_stats", None)
+    if values is not None:
+        values.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64),
+                           ctypes.POINTER(ctypes.c_double)]
+        values.restype = ctypes.c_int64
+        _c_values[:] = [values] if _values_self_check(values) is None else []
     _c_libraries.append(lib)
     return fn, f"ISA {isa().decode()}"
 
@@ -359,3 +368,71 @@ def fp_stats_chunk_c(bits: torch.Tensor, dims: list[tuple[int, int, int]], base:
     if nonfinite == bits.numel():
         return fp, (nonfinite, 0.0, None, None)
     return fp, (nonfinite, total, lo, hi)
+
+
+def fp_piece_c(address: int, itemsize: int, dims: Sequence[tuple[int, int, int]], base: int) -> int | None:
+    """The C kernel over memory at ``address`` (dims and base from ``dispatch.layout``), in the calling
+    thread; None when the kernel is not available."""
+    fn, _, _ = c_kernel()
+    return None if fn is None else _c_call(fn, address, itemsize, dims, base)
+
+
+def value_stats_c(address: int, dtype_name: str, n: int
+                  ) -> tuple[tuple[int, int, int, int, int], float | int | None, float | int | None, float, float] | None:
+    """The statistics ``inspect --stats`` reports of ``n`` contiguous elements at ``address``:
+    ((zeros, nan, +inf, -inf, finite), min, max, mean, m2), min and max of the finite values (ints for
+    integer dtypes, None when none is finite); None where the routine does not serve the dtype."""
+    import ctypes
+
+    code = VALUE_CODES.get(dtype_name)
+    if code is None or n <= 0:
+        return None
+    c_kernel()
+    if not _c_values:
+        return None
+    counts, moments = (ctypes.c_int64 * 7)(), (ctypes.c_double * 4)()
+    if _c_values[0](address, code, n, counts, moments) != 0:
+        return None
+    finite = counts[4]
+    if code >= 10:
+        lo, hi = counts[5], counts[6]
+    else:
+        lo, hi = (moments[0], moments[1]) if finite else (None, None)
+    return (counts[0], counts[1], counts[2], counts[3], finite), lo, hi, moments[2], moments[3]
+
+
+def _values_self_check(routine: Any) -> str | None:
+    """Hold the value statistics to plain Python on every code: counts and extremes exactly, the
+    mean and m2 to 1e-12 relative, over several blocks with NaN, infinities and signed zeros."""
+    import ctypes
+    import math
+    import struct
+
+    floats = [((j * 7919) % 256 - 128) / 4.0 for j in range(5000)]  # exact in every format, bfloat16 too
+    floats[3], floats[4000], floats[4001], floats[4500], floats[17] = math.nan, math.inf, -math.inf, -0.0, 0.0
+    ints = [((j * 7919) % 255) - 127 for j in range(5000)]
+    packs = {"float32": "f", "float64": "d", "float16": "e", "int8": "b", "uint8": "B", "int16": "h",
+             "int32": "i", "int64": "q"}
+    for name, code in VALUE_CODES.items():
+        if name == "bool":
+            continue
+        data = floats if code < 10 else [v + 127 for v in ints] if name == "uint8" else ints
+        if name == "bfloat16":  # the top half of each float32 (every value above is exact there)
+            raw = b"".join(struct.pack("<f", v)[2:] for v in data)
+        else:
+            raw = struct.pack(f"<{len(data)}{packs[name]}", *data)
+        buf = ctypes.create_string_buffer(raw, len(raw))
+        counts, moments = (ctypes.c_int64 * 7)(), (ctypes.c_double * 4)()
+        if routine(ctypes.addressof(buf), code, len(data), counts, moments) != 0:
+            return f"{name}: refused"
+        finite = [v for v in data if math.isfinite(v)]
+        mean = math.fsum(finite) / len(finite)
+        m2 = math.fsum((v - mean) ** 2 for v in finite)
+        want = (sum(v == 0 for v in data), sum(math.isnan(v) for v in data), data.count(math.inf),
+                data.count(-math.inf), len(finite))
+        lo, hi = (counts[5], counts[6]) if code >= 10 else (moments[0], moments[1])
+        if tuple(counts[:5]) != want or (lo, hi) != (min(finite), max(finite)):
+            return f"{name}: counts {tuple(counts[:5])}, extremes {(lo, hi)}"
+        if not (math.isclose(moments[2], mean, rel_tol=1e-12) and math.isclose(moments[3], m2, rel_tol=1e-12)):
+            return f"{name}: mean {moments[2]} != {mean} or m2 {moments[3]} != {m2}"
+    return None

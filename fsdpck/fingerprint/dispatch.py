@@ -89,6 +89,36 @@ def fp_chunk_stats(t: torch.Tensor, *, global_shape: Sequence[int],
     return fp_chunk(t, global_shape=global_shape, offsets=offsets), None
 
 
+def fp_piece(piece: Any, *, global_shape: Sequence[int], offsets: Sequence[int]) -> int:
+    """:func:`fp_chunk` of a :class:`~fsdpck.checkpoint.piece.Piece` in host memory (complex128 as its
+    float64 view: the fingerprint is defined for itemsizes up to 8), without torch where the C kernel
+    serves CPU tensors: the same value, by the same kernel."""
+    global_shape, offsets = [int(s) for s in global_shape], [int(o) for o in offsets]
+    real = piece.real_view() if piece.itemsize > 8 else piece
+    if real is not piece:
+        global_shape, offsets = [*global_shape, 2], [*offsets, 0]
+    if _requested_backend() in ("auto", "c") and _cpu_backend() == "c" and real.itemsize in (1, 2, 4, 8):
+        check_placement(list(real.size), global_shape, offsets)
+        if real.numel == 0:
+            return 0
+        dims, base = layout(real.size, real.stride, global_shape, offsets)
+        if len(dims) <= ckernel.C_MAX_DIMS:
+            got = ckernel.fp_piece_c(real.address, real.itemsize, dims, base)
+            if got is not None:
+                return got
+    return fp_chunk(real.tensor(), global_shape=global_shape, offsets=offsets)
+
+
+def _cpu_backend() -> str:
+    """:func:`backend` for CPU tensors under ``auto`` or ``c``, without importing torch: ``"c"`` or ``"torch"``."""
+    fn, _, why = ckernel.c_kernel()
+    if fn is not None:
+        return "c"
+    if _requested_backend() == "c":
+        raise SetupError(f"{BACKEND_ENV}=c, but the C kernel is not available: {why}")
+    return "torch"
+
+
 def _requested_backend() -> str:
     raw = os.environ.get(BACKEND_ENV, "")
     value = raw.strip().lower() or "auto"
@@ -115,12 +145,7 @@ def backend(device: Any) -> str:
     if requested == "torch":
         return "torch"
     if device.type == "cpu" and requested in ("auto", "c"):
-        fn, _, why = ckernel.c_kernel()
-        if fn is not None:
-            return "c"
-        if requested == "c":
-            raise SetupError(f"{BACKEND_ENV}=c, but the C kernel is not available: {why}")
-        return "torch"
+        return _cpu_backend()
     triton_serves = device.type == "cuda" or (device.type == "cpu" and _triton_interpreting())
     if requested in ("auto", "triton") and triton_serves:
         ok, why = _triton_ready(device)

@@ -10,18 +10,23 @@ manifest stores this text, so its format is part of manifest version 1 and does 
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import Any
 
 MAX_DEPTH = 64
 
 
+def is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch (where it is not imported, none exists)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def canonical(value: Any, _depth: int = 0) -> str:
     """A stable text form of ``value`` (tensors by their values, for the small ones objects hold)."""
-    import torch
-
     if _depth > MAX_DEPTH:
         raise ValueError("a value nested more than 64 levels deep")
-    if isinstance(value, torch.Tensor):
+    if is_tensor(value):
         return f"tensor({value.tolist()!r}, dtype={value.dtype})"
     if isinstance(value, dict):
         items = sorted(value.items(), key=lambda kv: str(kv[0]))

@@ -796,3 +796,73 @@ def test_a_wrong_statistics_routine_is_refused_by_the_self_check():
 
     assert "float32" in ckernel._stats_self_check(off_by_one, fn, fused)
     assert "fused" in ckernel._stats_self_check(stats, fn, no_nonfinite)
+
+
+# --- pieces in host memory (the offline commands' path, without torch) ----------------------
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.uint8,
+                                   torch.float64, torch.complex64, torch.complex128])
+def test_fp_piece_is_fp_chunk(dtype, backend_name):
+    from fsdpck.checkpoint.piece import Piece
+
+    whole = random_tensor((6, 10, 4), dtype, seed=7)
+    part = whole[1:4].transpose(0, 1)  # a view with its own global shape, not row-major in memory
+    cases = [(whole, whole.shape, (0, 0, 0)), (whole[2:5, 3:9], whole.shape, (2, 3, 0)),
+             (whole[4:5, 2:3], whole.shape, (4, 2, 0)), (whole[:0], whole.shape, (0, 0, 0)),
+             (part, part.shape, (0, 0, 0)), (whole[:, 1:7:2], (6, 3, 4), (0, 0, 0))]
+    wide = whole.element_size() > 8  # complex128: fingerprinted as its float64 view
+    with forced_backend(backend_name):
+        for view, shape, offsets in cases:
+            want = fp_chunk(torch.view_as_real(view) if wide else view, global_shape=(*shape, 2) if wide else shape,
+                            offsets=(*offsets, 0) if wide else offsets)
+            piece = Piece(view.data_ptr(), str(dtype).removeprefix("torch."), view.element_size(), tuple(view.shape),
+                          tuple(view.stride()), view)  # no tensor view: the path that reads memory by address
+            assert dispatch.fp_piece(piece, global_shape=shape, offsets=offsets) == want, (dtype, view.shape)
+
+
+@pytest.mark.skipif(not c_available(), reason="no C compiler here")
+def test_fp_piece_reads_by_address_without_making_a_tensor():
+    from fsdpck.checkpoint.piece import Piece
+
+    t = random_tensor((300, 301), torch.float32, seed=3)
+    piece = Piece(t.data_ptr(), "float32", 4, tuple(t.shape), tuple(t.stride()), t)
+    with forced_backend("auto"), mock.patch.object(Piece, "tensor", side_effect=AssertionError("made a tensor")):
+        assert dispatch.fp_piece(piece, global_shape=t.shape, offsets=(0, 0)) == fp_tensor(t)
+
+
+def test_fp_piece_without_a_compiler_uses_torch_and_a_forced_c_says_why(no_compiler):
+    from fsdpck.checkpoint.piece import Piece
+
+    t = random_tensor((5, 3), torch.int32, seed=2)
+    piece = Piece(t.data_ptr(), "int32", 4, tuple(t.shape), tuple(t.stride()), t)
+    with forced_backend("auto"):
+        assert dispatch.fp_piece(piece, global_shape=t.shape, offsets=(0, 0)) == reference_fp(t)
+    with forced_backend("c"), pytest.raises(SetupError, match="C kernel is not available"):
+        dispatch.fp_piece(piece, global_shape=t.shape, offsets=(0, 0))
+
+
+@pytest.mark.skipif(not c_available(), reason="no C compiler here")
+def test_a_wrong_value_statistics_routine_is_refused_by_the_self_check():
+    with forced_backend(None):
+        ckernel.c_kernel()
+    values = ckernel._c_libraries[-1].fsdpck_value_stats
+    assert ckernel._values_self_check(values) is None and ckernel._c_values
+
+    def tamper(index: int, delta: float, integers: bool):
+        def routine(address, code, n, counts, moments):
+            got = values(address, code, n, counts, moments)
+            if integers:
+                counts[index] += int(delta)
+            else:
+                moments[index] += delta
+            return got
+        return routine
+
+    assert "counts" in ckernel._values_self_check(tamper(0, 1, True))  # one zero too many
+    assert "counts" in ckernel._values_self_check(tamper(1, 1, True))  # a NaN too many
+    assert "extremes" in ckernel._values_self_check(tamper(0, 0.5, False))  # a wrong min
+    assert "mean" in ckernel._values_self_check(tamper(2, 1e-9, False))
+    assert "m2" in ckernel._values_self_check(tamper(3, 1e-3, False))
+    assert "refused" in ckernel._values_self_check(lambda *args: -1)

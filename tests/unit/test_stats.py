@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -17,12 +18,14 @@ from click.testing import CliRunner
 from rich.console import Console
 
 import ckpt_factory as cf
+from fsdpck.checkpoint.piece import Piece
 from fsdpck.cli import cli
 from fsdpck.commands import stats as stats_mod
 from fsdpck.commands.inspect import inspect_checkpoint
 from fsdpck.commands.stats import ValueStats, piece_stats
 from fsdpck.commands.suspicious import RULES, KeyFacts, judge, optimizer_part
 from fsdpck.errors import UsageError
+from fsdpck.fingerprint import ckernel
 from fsdpck.report.progress import BarView, LogView
 from fsdpck.runtime.progress import AFTER_ENV, EVERY_ENV, Progress, after_from_env
 
@@ -89,6 +92,61 @@ def test_edge_values():
     s = piece_stats(big)
     assert (s.nonfinite, s.min, s.mean) == (0, pytest.approx(3e38), pytest.approx(3e38))
     assert piece_stats(torch.tensor([-0.0, 0.0, 1.0])).zeros == 2
+
+
+def as_piece(t: torch.Tensor) -> Piece:
+    """A tensor's memory as the offline read hands it over: by address, with no tensor view."""
+    return Piece(t.data_ptr(), str(t.dtype).removeprefix("torch."), t.element_size(), tuple(t.shape),
+                 tuple(t.stride()), t)
+
+
+C_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int16,
+            torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128, torch.complex32]
+
+
+@pytest.mark.parametrize("dtype", C_DTYPES)
+def test_pieces_in_memory_take_the_c_kernel_and_match_the_obvious_computation(dtype):
+    if ckernel.c_kernel()[0] is None or not ckernel._c_values:
+        pytest.skip("no C kernel here")
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(9001, generator=g) * 3 + 2  # several of the kernel's blocks, the last one short
+    if dtype == torch.bool:
+        t = base > 2
+    elif dtype.is_complex:
+        t = torch.complex(base, -base).to(dtype)
+    elif dtype.is_floating_point:
+        t = base.to(dtype)
+        t[17], t[1500], t[4000], t[8999], t[5], t[6] = math.nan, math.inf, -math.inf, math.nan, 0.0, -0.0
+    else:
+        t = (base * 10).clamp(0 if dtype == torch.uint8 else -128, 127).to(dtype)
+    with mock.patch.object(Piece, "tensor", side_effect=AssertionError("took the torch path")):
+        got = piece_stats(as_piece(t))
+    assert_stats(got, t, rel=1e-12 if dtype in (torch.float64, torch.complex128) else 1e-9)
+    if not dtype.is_floating_point and not dtype.is_complex:
+        assert type(got.min) is int and type(got.max) is int
+
+
+def test_pieces_the_c_kernel_does_not_serve_take_torch_and_agree():
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(50, 40, generator=g)
+    t[3, 4] = math.inf
+    strided = t[:, ::3]  # not contiguous: the kernel reads contiguous runs only
+    assert_stats(piece_stats(as_piece(strided)), strided)
+    f8 = (torch.randn(300, generator=g)).to(torch.float8_e4m3fn)
+    assert_stats(piece_stats(as_piece(f8)), f8, rel=1e-6)
+    assert piece_stats(as_piece(torch.empty(0, 4))).as_dict() == {**ValueStats().as_dict(), "numel": 0}
+
+
+def test_the_c_kernel_keeps_a_small_spread_around_a_large_mean():
+    if ckernel.c_kernel()[0] is None or not ckernel._c_values:
+        pytest.skip("no C kernel here")
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(100_003, generator=g, dtype=torch.float64) * 1e-3 + 1e6  # std/mean = 1e-9
+    got = piece_stats(as_piece(t))
+    assert got.std == pytest.approx(float(t.std(correction=0)), rel=1e-6)
+    assert got.mean == pytest.approx(float(t.mean()), rel=1e-15)
+    only_nan = piece_stats(as_piece(torch.full((5,), math.nan)))
+    assert (only_nan.nan, only_nan.finite, only_nan.min, only_nan.max, only_nan.std) == (5, 0, None, None, None)
 
 
 # --- the rules, each shown to fire and not to fire ----------------------------------------------

@@ -4,6 +4,7 @@ direct path built on it (fsdpck.checkpoint.stream), against DCP's own reader."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import pickle
@@ -12,6 +13,7 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from fsdpck.checkpoint import stream, torchsave
 from fsdpck.checkpoint.integrity import open_checkpoint
 from fsdpck.checkpoint.storage import LocalStorage
 from fsdpck.commands.offline import read_items
+from fsdpck.errors import CheckpointFormatError
 from tests.ckpt_factory import chunked_ckpt, marker_command
 
 DTYPES = [getattr(torch, name) for name in torchsave.STORAGE_CLASS]
@@ -269,26 +272,32 @@ def test_a_chunk_locate_refuses_goes_to_dcps_reader(grid_ckpt, tmp_path, monkeyp
     assert read_all(bad, monkeypatch, direct=False, stats=False)["w32"].error
 
 
-def test_offline_commands_on_a_local_checkpoint_do_not_import_dcp(grid_ckpt):
-    # Importing torch.distributed.checkpoint costs about as much as importing torch; a local
-    # checkpoint read by fsdpck itself (tensors and byte items) must not need it.
+def test_offline_commands_on_a_local_checkpoint_do_not_import_torch(grid_ckpt):
+    # Importing torch takes longer than reading a gigabyte cold (docs/benchmarks.md), and DCP about as
+    # long again: a local checkpoint read by fsdpck itself (tensors of float32, bfloat16, int64, bool and
+    # float64, and byte items) needs neither for inspect --verify-data --stats and diff; show --slice
+    # copies into a tensor (torch), still without DCP.
     import subprocess
     import sys
 
     code = (
         "import sys\n"
         "from fsdpck.cli import cli\n"
-        "for args in (['inspect', sys.argv[1], '--verify-data', '--stats'], ['diff', sys.argv[1], sys.argv[1]],\n"
-        "             ['show', sys.argv[1], 'w32', '--slice', '0:2']):\n"
+        "def run(*args):\n"
         "    try:\n"
-        "        cli.main(args, standalone_mode=False)\n"
+        "        cli.main(list(args), standalone_mode=False)\n"
         "    except SystemExit as e:\n"
         "        assert not e.code, (args, e.code)\n"
-        "print(sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))\n"
+        "run('inspect', sys.argv[1], '--verify-data', '--stats')\n"
+        "run('diff', sys.argv[1], sys.argv[1])\n"
+        "print('torch:', sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+        "run('show', sys.argv[1], 'w32', '--slice', '0:2')\n"
+        "print('dcp:', sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(grid_ckpt)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
+    lines = out.stdout.splitlines()
+    assert "torch: []" in lines and "dcp: []" in lines, out.stdout[-2000:]
 
 
 # Archives crafted entry by entry: what Python's zipfile and torch's reader read differently.
@@ -413,3 +422,58 @@ def test_locate_reads_only_small_records_whatever_the_directory_claims():
     stream_ = Recording(blob)
     assert torchsave.locate(stream_, 0, len(blob), dtype="float32", itemsize=4, sizes=(2, 4)) is None
     assert max(b - a for a, b in stream_.ranges) <= 1 << 16
+
+
+def _archive_of(pkl: bytes) -> bytes:
+    """A torch.save-like archive (stored members under one dir) around the given data.pkl."""
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/byteorder", b"little")
+        z.writestr("archive/version", b"3\n")
+    return out.getvalue()
+
+
+PLAIN_VALUES = [{"lr": 0.001, "betas": (0.9, 0.999), "params": ["a", "b"], "amsgrad": False, "foreach": None},
+                3.5, -7, 2**80, "text", [1, [2, [3.0]]], (), {"nested": {"k": [float("nan"), float("inf")]}}, True]
+
+
+@pytest.mark.parametrize("value", PLAIN_VALUES, ids=range(len(PLAIN_VALUES)))
+def test_plain_byte_items_decode_without_torch_to_what_torch_load_gives(value):
+    from fsdpck.state.canonical import canonical
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    want = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    with mock.patch.object(torch, "load", side_effect=AssertionError("torch.load was used")):
+        got = torchsave.decode_byte_item(buf.getvalue(), source="s")
+    assert canonical(got) == canonical(want) and type(got) is type(want)
+
+
+@pytest.mark.parametrize("value", [torch.tensor([1.0, 2.0]), {1, 2}, b"raw", collections.OrderedDict(a=1),
+                                   {"t": torch.zeros(2)}], ids=["tensor", "set", "bytes", "ordered", "dict-tensor"])
+def test_byte_items_that_are_not_plain_data_go_to_torch_load(value):
+    from fsdpck.state.canonical import canonical
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    assert torchsave._plain_value(buf.getvalue()) == (False, None)
+    got = torchsave.decode_byte_item(buf.getvalue(), source="s")
+    assert canonical(got) == canonical(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+
+
+def test_a_crafted_plain_looking_archive_is_decoded_only_as_torch_would():
+    plain = pickle.dumps({"lr": 0.5}, protocol=2)
+    assert torchsave._plain_value(_archive_of(plain)) == (True, {"lr": 0.5})
+    # A global anywhere (here os.system): torch.load decides, and refuses it; nothing runs.
+    evil = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85q\x01Rq\x02."
+    assert torchsave._plain_value(_archive_of(evil)) == (False, None)
+    with pytest.raises(CheckpointFormatError, match="without running code"):
+        torchsave.decode_byte_item(_archive_of(evil), source="s")
+    # Opcodes torch's weights_only unpickler handles differently (or not at all) are its to decode.
+    for pkl in (pickle.dumps(b"ab"[:0].decode(), protocol=4), b"\x80\x02U\x02abq\x00.", b"\x80\x02]q\x00."[:-1]):
+        assert torchsave._plain_value(_archive_of(pkl))[0] is False
+    # No byte order, or a pickle larger than a record: not vouched for.
+    assert torchsave._plain_value(_archive_of(plain).replace(b"little", b"big\0\0\0"))[0] is False

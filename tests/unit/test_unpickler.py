@@ -311,3 +311,51 @@ def test_any_damage_is_refused_cleanly_in_light_mode(data):
     else:
         assert type(md) is unpickler.record_class("Metadata")
     assert records == {n: dict(unpickler.record_class(n).__dict__) for n in records}
+
+
+def test_the_dtype_table_is_torchs():
+    from fsdpck.checkpoint.dtypes import ITEMSIZE, LAYOUTS, MEMORY_FORMATS
+
+    dtypes = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+    assert {n: d.itemsize for n, d in dtypes.items()} == ITEMSIZE
+    assert {n for n, v in vars(torch).items() if isinstance(v, torch.layout)} == LAYOUTS
+    assert {n for n, v in vars(torch).items() if isinstance(v, torch.memory_format)} == MEMORY_FORMATS
+
+
+def test_light_mode_names_torch_objects_without_torch_and_seals_them(monkeypatch):
+    from fsdpck.checkpoint import dtypes
+
+    f32 = unpickler.resolve("torch", "bfloat16", True)
+    assert (f32.kind, f32.name, f32.itemsize) == ("dtype", "bfloat16", 2) and repr(f32) == "torch.bfloat16"
+    assert unpickler.resolve("torch", "strided", True).kind == "layout"
+    assert unpickler.resolve("torch", "channels_last", True).kind == "memory_format"
+    with pytest.raises(pickle.UnpicklingError, match="refused to set"):
+        f32.itemsize = 8
+    assert unpickler.resolve("torch", "load", True) is None  # not a dtype, layout or memory format
+    assert unpickler.resolve("torch", "float", True).name == "float32"  # an alias: torch decides, by its own name
+    # A dtype the table does not know (a newer torch's) is asked of torch.
+    unpickler.resolve.cache_clear()
+    monkeypatch.setattr(unpickler, "ITEMSIZE", {k: v for k, v in dtypes.ITEMSIZE.items() if k != "float8_e5m2"})
+    try:
+        assert unpickler.resolve("torch", "float8_e5m2", True).itemsize == 1
+    finally:
+        unpickler.resolve.cache_clear()
+    size = unpickler.resolve("torch", "Size", True)
+    assert size((2, 3)) == (2, 3) and type(size([4])) is tuple
+    with pytest.raises(pickle.UnpicklingError, match="torch.Size of a str"):
+        size("abc")
+    layout = unpickler.resolve("torch.serialization", "_get_layout", True)
+    assert layout("torch.strided").name == "strided"
+    with pytest.raises(pickle.UnpicklingError, match="not the name of a torch.layout"):
+        layout("torch.float32")
+
+
+def test_light_mode_refuses_a_dtype_that_is_a_layout():
+    from fsdpck.checkpoint.metadata import parse_metadata
+
+    data = (pristine("plain") / ".metadata").read_bytes()
+    records = load_light(data)
+    key = next(k for k, v in records.state_dict_metadata.items() if hasattr(v, "properties"))
+    records.state_dict_metadata[key].properties.__dict__["dtype"] = unpickler.resolve("torch", "strided", True)
+    with pytest.raises(CheckpointFormatError, match="is not a torch.dtype"):
+        parse_metadata(records, source="s", light=True)
