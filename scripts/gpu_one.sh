@@ -52,7 +52,7 @@ offline)
 from fsdpck.cli import cli
 t = time.perf_counter()
 try:
-    cli.main(sys.argv[1:], standalone_mode=False); code = 0
+    code = cli.main(sys.argv[1:], standalone_mode=False) or 0  # the exit code, returned without standalone mode
 except SystemExit as e:
     code = e.code
 n = sum(1 for m in sys.modules if m == 'torch' or m.startswith('torch.'))
