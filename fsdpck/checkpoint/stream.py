@@ -44,6 +44,10 @@ from fsdpck.errors import CheckpointFormatError
 from fsdpck.runtime.progress import NO_PROGRESS, Progress
 
 RUN_BYTES = 16 << 20  # stored items read by one call of DCP's reader (a larger item is a run of its own)
+# A local chunk stored row-major is read and handed over this many bytes at a time (whole rows of its
+# first dim): the kernels then find the bytes still in the cache, a thread's buffer stays small (fresh
+# memory costs a page fault per 4 KiB), and reading one slice overlaps working on another thread's.
+SLICE_BYTES = 8 << 20
 
 
 def read_threads() -> int:
@@ -304,12 +308,43 @@ def _read_part(stream: Any, part: _Part, on_piece: Any) -> bool:
                              sizes=chunk.sizes)
     if found is None:
         return False
-    with _BUFFERS.borrow(found.nbytes) as buffer:
-        _read_into(stream, ref.offset + found.data_offset, buffer, found.nbytes, f"{ref.file} ({info.key})")
-        piece = Piece(buffer.address + found.storage_offset * info.itemsize, info.dtype or "", info.itemsize,
-                      found.size, found.stride, buffer)
-        _deliver(part.req, part.box, piece.narrow(part.box.offsets, part.box.sizes, chunk.offsets), on_piece)
+    itemsize, what = info.itemsize, f"{ref.file} ({info.key})"
+    stored = Piece(0, info.dtype or "", itemsize, found.size, found.stride, None)
+    if not found.size or not stored.contiguous:  # one read of its storage, viewed as stored
+        with _BUFFERS.borrow(found.nbytes) as buffer:
+            _read_into(stream, ref.offset + found.data_offset, buffer, found.nbytes, what)
+            piece = Piece(buffer.address + found.storage_offset * itemsize, info.dtype or "", itemsize,
+                          found.size, found.stride, buffer)
+            _deliver(part.req, part.box, piece.narrow(part.box.offsets, part.box.sizes, chunk.offsets), on_piece)
+        return True
+    # Row-major: the part's rows (of the first dim) in slices of about SLICE_BYTES, each read alone.
+    row = math.prod(found.size[1:])
+    first, stop = part.box.offsets[0] - chunk.offsets[0], part.box.offsets[0] - chunk.offsets[0] + part.box.sizes[0]
+    step = max(1, SLICE_BYTES // max(1, row * itemsize))
+    strides = tuple(math.prod(found.size[d + 1:]) for d in range(len(found.size)))
+    with _BUFFERS.borrow(min(stop - first, step) * row * itemsize) as buffer:
+        for r in range(first, stop, step):
+            n = min(step, stop - r)
+            try:
+                _read_into(stream, ref.offset + found.data_offset + (found.storage_offset + r * row) * itemsize, buffer,
+                           n * row * itemsize, what)
+            except Exception as e:
+                if r == first:
+                    raise
+                raise _PartlyDelivered(part, e) from None  # rows were handed over: not to be read again
+            origin = (chunk.offsets[0] + r, *chunk.offsets[1:])
+            sub = Box((origin[0], *part.box.offsets[1:]), (n, *part.box.sizes[1:]))
+            piece = Piece(buffer.address, info.dtype or "", itemsize, (n, *found.size[1:]), strides, buffer)
+            _deliver(part.req, sub, piece.narrow(sub.offsets, sub.sizes, origin), on_piece)
     return True
+
+
+class _PartlyDelivered(Exception):
+    """A part failed after some of its slices were delivered: its key has an error, and it is not read again."""
+
+    def __init__(self, part: _Part, cause: BaseException):
+        super().__init__(str(cause))
+        self.part, self.cause = part, cause
 
 
 def _read_local(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, advance: Any, threads: int
@@ -321,6 +356,7 @@ def _read_local(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, adv
     left: list[_Part] = []
     done: set[int] = set()
     failed: list[tuple[list[_Part], BaseException]] = []
+    final: list[tuple[list[_Part], BaseException]] = []  # parts partly delivered, then failed
     lock = threading.Lock()
 
     def read_run(run: list[_Part]) -> None:
@@ -336,6 +372,11 @@ def _read_local(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, adv
                             left.append(part)
                     with lock:
                         done.add(id(part))
+        except _PartlyDelivered as e:
+            with lock:
+                done.add(id(e.part))
+                final.append(([e.part], e.cause))
+                failed.append((run, e.cause))
         except Exception as e:  # any failure of a run: its parts not yet done are read again one by one
             with lock:
                 failed.append((run, e))
@@ -347,7 +388,7 @@ def _read_local(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, adv
         failed.clear()
         list(pool.map(lambda part: read_run([part]), retry))
     errors: dict[str, str] = {}
-    for run, e in failed:
+    for run, e in final + failed:
         for part in run:
             errors.setdefault(part.req.info.key, describe(e))
     rest = []

@@ -188,14 +188,18 @@ def test_show_of_a_damaged_key_exits_1(ckpt, tmp_path):
 # --- the reader: pieces, threads, runs, errors ------------------------------------------------------
 
 
-@pytest.mark.parametrize("threads,run_bytes", [(1, 1 << 24), (4, 1)])
-def test_pieces_give_the_whole_tensors_fingerprints(ckpt, threads, run_bytes, monkeypatch):
+@pytest.mark.parametrize("threads,run_bytes,slice_bytes", [(1, 1 << 24, 8 << 20), (4, 1, 8 << 20), (2, 1 << 24, 1)])
+def test_pieces_give_the_whole_tensors_fingerprints(ckpt, threads, run_bytes, slice_bytes, monkeypatch):
     monkeypatch.setattr(stream, "RUN_BYTES", run_bytes)  # 1: every stored item is a run of its own
+    monkeypatch.setattr(stream, "SLICE_BYTES", slice_bytes)  # 1: every row of a chunk is read and handed over alone
     got = read_items(open_checkpoint(LocalStorage(ckpt)), list(open_checkpoint(LocalStorage(ckpt)).metadata.keys.values()),
                      stats=True, threads=threads)
     for key, value in (("model.w", W), ("nested.v", V), ("ids", I), ("c", C), ("scalar", torch.tensor(2.5))):
         assert got[key].fingerprint == tensor_fingerprint(value), key
         assert got[key].stats.numel == value.numel() * (2 if value.is_complex() else 1)
+        real = torch.view_as_real(value) if value.is_complex() else value
+        assert got[key].stats.min == float(real.min()) and got[key].stats.max == float(real.max()), key
+        assert got[key].stats.mean == pytest.approx(float(real.double().mean()), rel=1e-9, abs=1e-12), key
     assert got["optim.param_groups.0.lr"].item.value == "0.01"
 
 

@@ -477,3 +477,31 @@ def test_a_crafted_plain_looking_archive_is_decoded_only_as_torch_would():
         assert torchsave._plain_value(_archive_of(pkl))[0] is False
     # No byte order, or a pickle larger than a record: not vouched for.
     assert torchsave._plain_value(_archive_of(plain).replace(b"little", b"big\0\0\0"))[0] is False
+
+
+def test_a_chunk_that_fails_after_some_of_its_slices_is_an_error_not_read_twice(grid_ckpt, monkeypatch):
+    # Slices of one row each; the third read of w32's rows fails. Its first rows were handed over
+    # already: reading the chunk again would count them twice, so the key is an error instead.
+    monkeypatch.setattr(stream, "SLICE_BYTES", 1)
+    real_read_into, calls = stream._read_into, {"w32": 0}
+
+    def flaky(stream_, start, buffer, nbytes, what):
+        if "(w32)" in what:
+            calls["w32"] += 1
+            if calls["w32"] == 3:
+                raise OSError(5, "Input/output error")
+        return real_read_into(stream_, start, buffer, nbytes, what)
+
+    monkeypatch.setattr(stream, "_read_into", flaky)
+    opened = open_checkpoint(LocalStorage(grid_ckpt))
+    got = read_items(opened, list(opened.metadata.keys.values()), threads=1)
+    assert got["w32"].error is not None and "Input/output error" in got["w32"].error
+    assert got["w32"].fingerprint is None
+    assert all(got[k].error is None for k in ("bf", "ids", "flags", "scalar", "epoch"))
+    # A failure on a chunk's first slice hands nothing over: that chunk is read again and succeeds.
+    calls["w32"] = 0
+    monkeypatch.setattr(stream, "SLICE_BYTES", 1 << 20)
+    fresh = read_items(opened, [opened.metadata.keys["w32"]], threads=1)
+    assert fresh["w32"].error is None and calls["w32"] >= 2
+    monkeypatch.setattr(stream, "_read_into", real_read_into)
+    assert fresh["w32"].fingerprint == read_items(opened, [opened.metadata.keys["w32"]])["w32"].fingerprint
