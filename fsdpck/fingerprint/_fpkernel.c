@@ -680,7 +680,9 @@ uint64_t fsdpck_fp_stats_strided(const void *data, int64_t itemsize, int64_t ndi
  * order keys of their bits, so that the loop is integer compares and needs no floating-point
  * flags), then, in double, the sum and the sum of squares of the finite values less a shift (the
  * middle of the block's range: no cancellation however large the mean is against the spread).
- * Blocks merge by Chan's formula. Integers have exact extremes in out_i; floats in out_d.
+ * Blocks merge by Chan's formula. Integers have exact extremes in out_i; floats in out_d. The
+ * finite test is a mask (all ones or zero) and selects are and/or with it: GCC vectorises the
+ * min and max reductions then, where a conditional select kept the loop scalar (5x slower).
  * Codes: 0 float32, 1 float64, 2 bfloat16, 3 float16; 10 int8, 11 uint8 (and bool), 12 int16,
  * 13 int32, 14 int64. */
 #define FSDPCK_VS_BLOCK 2048
@@ -723,17 +725,17 @@ FSDPCK_INLINE void moments_merge(fsdpck_moments *a, int64_t nb, double s1, doubl
         for (int64_t k = 0; k < n; k += FSDPCK_VS_BLOCK) {                                                \
             const int64_t m = n - k < FSDPCK_VS_BLOCK ? n - k : FSDPCK_VS_BLOCK;                          \
             const T *q = p + k;                                                                           \
-            int64_t zeros = 0, pinf = 0, ninf = 0, fin = 0;                                               \
-            int32_t lo = INT32_MAX, hi = INT32_MIN;                                                       \
+            int32_t zeros = 0, pinf = 0, ninf = 0, fin = 0, lo = INT32_MAX, hi = INT32_MIN;              \
             for (int64_t j = 0; j < m; j++) {                                                             \
                 const int32_t b = BITS(q[j]), key = order_key(b);                                         \
-                const int f = (b & 0x7f800000) != 0x7f800000;                                            \
-                zeros += (b & 0x7fffffff) == 0;                                                           \
-                pinf += b == (int32_t)0x7f800000;                                                         \
-                ninf += b == (int32_t)0xff800000;                                                         \
-                fin += f;                                                                                 \
-                lo = f && key < lo ? key : lo;                                                            \
-                hi = f && key > hi ? key : hi;                                                            \
+                const int32_t f = -((b & 0x7f800000) != 0x7f800000); /* all ones when finite */          \
+                zeros -= -((b & 0x7fffffff) == 0);                                                        \
+                pinf -= -(b == (int32_t)0x7f800000);                                                      \
+                ninf -= -(b == (int32_t)0xff800000);                                                      \
+                fin -= f;                                                                                 \
+                const int32_t kl = (key & f) | (INT32_MAX & ~f), kh = (key & f) | (INT32_MIN & ~f);        \
+                lo = kl < lo ? kl : lo;                                                                   \
+                hi = kh > hi ? kh : hi;                                                                   \
             }                                                                                             \
             cnt[0] += zeros;                                                                              \
             cnt[1] += m - fin - pinf - ninf;                                                              \
@@ -758,9 +760,25 @@ FSDPCK_INLINE void moments_merge(fsdpck_moments *a, int64_t nb, double s1, doubl
     }
 
 FSDPCK_INLINE int32_t vs_bits_f32(uint32_t x) { return (int32_t)x; }
+
+/* float16 to float32 bits without a branch or a conversion instruction (which the default clone
+ * lacks, and which left the loop a libcall per element): normal values rebias the exponent,
+ * subnormals are exact products, infinities and NaNs keep their payload. */
+FSDPCK_INLINE int32_t vs_bits_f16(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = h & 0x7c00u, m = h & 0x3ffu;
+    const uint32_t normal = sign | (((uint32_t)(h & 0x7fff) + 0x1c000u) << 13);
+    const uint32_t special = sign | 0x7f800000u | (m << 13);
+    const float tiny = (float)(int32_t)m * 5.9604644775390625e-8f; /* m * 2**-24 */
+    uint32_t sub;
+    __builtin_memcpy(&sub, &tiny, 4);
+    sub |= sign;
+    const uint32_t r = e == 0x7c00u ? special : normal;
+    return (int32_t)(e == 0 ? sub : r);
+}
+
 FSDPCK_VS_FLOAT32(vs_f32, uint32_t, vs_bits_f32)
 FSDPCK_VS_FLOAT32(vs_bf16, uint16_t, bits_bf16)
-FSDPCK_VS_FLOAT32(vs_f16, uint16_t, bits_f16)
+FSDPCK_VS_FLOAT32(vs_f16, uint16_t, vs_bits_f16)
 
 FSDPCK_INLINE int64_t order_key64(int64_t bits) { return bits ^ ((bits >> 63) & INT64_MAX); }
 
@@ -780,13 +798,14 @@ FSDPCK_VS_ATTR static void vs_f64(const int64_t *p, int64_t n, int64_t *cnt, int
         int64_t zeros = 0, pinf = 0, ninf = 0, fin = 0, lo = INT64_MAX, hi = INT64_MIN;
         for (int64_t j = 0; j < m; j++) {
             const int64_t b = q[j], key = order_key64(b);
-            const int64_t f = (b & expo) != expo;
-            zeros += (b & INT64_MAX) == 0;
-            pinf += b == expo;
-            ninf += b == (int64_t)0xfff0000000000000ULL;
-            fin += f;
-            lo = f && key < lo ? key : lo;
-            hi = f && key > hi ? key : hi;
+            const int64_t f = -(int64_t)((b & expo) != expo); /* all ones when finite */
+            zeros -= -(int64_t)((b & INT64_MAX) == 0);
+            pinf -= -(int64_t)(b == expo);
+            ninf -= -(int64_t)(b == (int64_t)0xfff0000000000000ULL);
+            fin -= f;
+            const int64_t kl = (key & f) | (INT64_MAX & ~f), kh = (key & f) | (INT64_MIN & ~f);
+            lo = kl < lo ? kl : lo;
+            hi = kh > hi ? kh : hi;
         }
         cnt[0] += zeros;
         cnt[1] += m - fin - pinf - ninf;

@@ -117,6 +117,8 @@ def test_pieces_in_memory_take_the_c_kernel_and_match_the_obvious_computation(dt
     elif dtype.is_floating_point:
         t = base.to(dtype)
         t[17], t[1500], t[4000], t[8999], t[5], t[6] = math.nan, math.inf, -math.inf, math.nan, 0.0, -0.0
+        tiny = torch.finfo(dtype).smallest_normal
+        t[7], t[8], t[9] = tiny / 4, -tiny / 64, -tiny  # subnormals (float16's are converted bit by bit)
     else:
         t = (base * 10).clamp(0 if dtype == torch.uint8 else -128, 127).to(dtype)
     with mock.patch.object(Piece, "tensor", side_effect=AssertionError("took the torch path")):
@@ -124,6 +126,16 @@ def test_pieces_in_memory_take_the_c_kernel_and_match_the_obvious_computation(dt
     assert_stats(got, t, rel=1e-12 if dtype in (torch.float64, torch.complex128) else 1e-9)
     if not dtype.is_floating_point and not dtype.is_complex:
         assert type(got.min) is int and type(got.max) is int
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_pattern_is_classified_and_converted_exactly(dtype):
+    if ckernel.c_kernel()[0] is None or not ckernel._c_values:
+        pytest.skip("no C kernel here")
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)  # subnormals, NaNs, ±inf, ±0
+    with mock.patch.object(Piece, "tensor", side_effect=AssertionError("took the torch path")):
+        got = piece_stats(as_piece(every))
+    assert_stats(got, every, rel=1e-12)
 
 
 def test_pieces_the_c_kernel_does_not_serve_take_torch_and_agree():
