@@ -10,10 +10,12 @@ near ``threads`` × the largest stored chunk.
 A chunk in a local file is read by fsdpck itself: :mod:`fsdpck.checkpoint.torchsave` finds its
 elements inside its ``torch.save`` archive without running the archive's pickle, and they are
 read into a buffer the process reuses, with no fresh tensor and no copy per chunk, and without
-importing DCP or torch: the piece goes to ``on_piece`` as memory (:class:`~fsdpck.checkpoint.piece.Piece`),
-which the C kernels read by address. Anything else — remote storage, a storage transform, an archive ``torchsave``
-does not vouch for — goes through DCP's own read planning (``create_read_items_for_chunk_list``)
-and reader (``FileSystemReader.read_data``, with fsdpck's no-follow files), as before.
+importing DCP or torch: each piece goes to ``on_piece`` as memory (a
+:class:`~fsdpck.checkpoint.piece.Piece`), which the C kernels read by address; a chunk stored
+row-major goes in slices of whole rows (:data:`SLICE_BYTES`). Anything else — remote storage, a
+storage transform, an archive ``torchsave`` does not vouch for — goes through DCP's own read
+planning (``create_read_items_for_chunk_list``) and reader (``FileSystemReader.read_data``, with
+fsdpck's no-follow files), as before.
 
 The reads are sorted by file and offset, grouped into runs, and the runs are read by a pool of
 threads: reads and the work on each piece (the fingerprint's C kernel, torch's reductions)
@@ -128,8 +130,9 @@ def read_pieces(ckpt: CheckpointDir, requests: list[Request], on_piece: Callable
     """Read every request's box; returns ``{key: one-line error}`` for the keys that could not be read.
 
     ``on_piece`` is called from the reading threads (it must be thread-safe) with each piece's
-    global offsets and a :class:`~fsdpck.checkpoint.piece.Piece` that is only valid during the call. A key with an error may
-    have had some of its pieces handed over already: its results must be dropped.
+    global offsets and a :class:`~fsdpck.checkpoint.piece.Piece` that is only valid during the
+    call. A key with an error may have had some of its pieces handed over already: its results
+    must be dropped.
     """
     requests = [r for r in requests if r.box.numel > 0]
     threads = threads or read_threads()

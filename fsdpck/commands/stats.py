@@ -13,6 +13,11 @@ of the mean, accumulated in float64 (no cancellation when the mean is large agai
 float16, bfloat16 and float8 blocks are widened to float32 first; integer and bool tensors
 are counted exactly and their mean and std come from float64. A complex tensor is described
 as its real view (``view_as_real``): twice as many real values, real and imaginary parts together.
+
+A piece the offline commands read (a :class:`~fsdpck.checkpoint.piece.Piece`, memory by address)
+is described by the C kernel instead (``fsdpck_value_stats``: the same quantities, in blocks merged
+the same way, without torch) when it is contiguous and of a dtype the kernel knows, unless
+``FSDPCK_FP_BACKEND=torch`` keeps everything on torch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 from fsdpck.checkpoint.piece import Piece
 from fsdpck.fingerprint.ckernel import value_stats_c
+from fsdpck.fingerprint.dispatch import c_kernels_allowed
 
 BLOCK = 1 << 18  # elements per block: 1 MiB of float32, which stays in a core's L2 cache over the passes
 
@@ -105,7 +111,8 @@ def piece_stats(t: Any) -> ValueStats:
     torch, in blocks of BLOCK elements."""
     if isinstance(t, Piece):
         real = t.real_view()
-        if real.contiguous and (got := value_stats_c(real.address, real.dtype, real.numel)) is not None:
+        got = value_stats_c(real.address, real.dtype, real.numel) if real.contiguous and c_kernels_allowed() else None
+        if got is not None:
             (zeros, nan, posinf, neginf, finite), lo, hi, mean, m2 = got
             return ValueStats(numel=real.numel, zeros=zeros, nan=nan, posinf=posinf, neginf=neginf, finite=finite,
                               min=lo, max=hi, mean=mean if finite else 0.0, m2=m2 if finite else 0.0)

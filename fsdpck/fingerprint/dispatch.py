@@ -97,7 +97,7 @@ def fp_piece(piece: Any, *, global_shape: Sequence[int], offsets: Sequence[int])
     real = piece.real_view() if piece.itemsize > 8 else piece
     if real is not piece:
         global_shape, offsets = [*global_shape, 2], [*offsets, 0]
-    if _requested_backend() in ("auto", "c") and _cpu_backend() == "c" and real.itemsize in (1, 2, 4, 8):
+    if c_kernels_allowed() and _cpu_backend() == "c" and real.itemsize in (1, 2, 4, 8):
         check_placement(list(real.size), global_shape, offsets)
         if real.numel == 0:
             return 0
@@ -107,6 +107,12 @@ def fp_piece(piece: Any, *, global_shape: Sequence[int], offsets: Sequence[int])
             if got is not None:
                 return got
     return fp_chunk(real.tensor(), global_shape=global_shape, offsets=offsets)
+
+
+def c_kernels_allowed() -> bool:
+    """Whether ``FSDPCK_FP_BACKEND`` lets the C kernels serve CPU memory (``auto`` or ``c``); ``torch``
+    (or ``triton``) keeps the offline statistics on torch as well."""
+    return _requested_backend() in ("auto", "c")
 
 
 def _cpu_backend() -> str:

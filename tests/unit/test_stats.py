@@ -387,3 +387,10 @@ def test_progress_settings_are_checked(value, monkeypatch):
         after_from_env()
     r = invoke("inspect", str(cf.resume_ckpt(False)), env={AFTER_ENV: value})
     assert r.exit_code == 2 and AFTER_ENV in r.output
+
+
+def test_a_forced_torch_backend_keeps_the_statistics_on_torch(monkeypatch):
+    monkeypatch.setenv("FSDPCK_FP_BACKEND", "torch")
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    with mock.patch.object(ckernel, "_c_values", [lambda *a: (_ for _ in ()).throw(AssertionError("C used"))]):
+        assert_stats(piece_stats(as_piece(t)), t)
