@@ -215,7 +215,7 @@ def _torch_name(name: str) -> TorchName | None:
         return TorchName("memory_format", name)
     import torch  # a name this table does not know (a newer torch's dtype): torch decides
 
-    value = getattr(torch, name, None)
+    value = vars(torch).get(name)  # not getattr: torch imports submodules lazily by name
     if isinstance(value, torch.dtype):
         return TorchName("dtype", str(value).removeprefix("torch."), value.itemsize)
     if isinstance(value, (torch.layout, torch.memory_format)):
@@ -251,7 +251,7 @@ def _layout_from_name(name: Any) -> Any:
     import torch
 
     if isinstance(name, str) and name.startswith("torch."):
-        value = getattr(torch, name[len("torch."):], None)
+        value = vars(torch).get(name[len("torch."):])
         if isinstance(value, torch.layout):
             return value
     raise pickle.UnpicklingError(f"{name!r} is not the name of a torch.layout")
@@ -284,7 +284,7 @@ def resolve(module: str, name: str, light: bool = False) -> Any:
     if origin == "layout by name":
         return _Constructor(_layout_from_name, f"{module}.{name}")
     if module == "torch" and "." not in name:
-        value = getattr(torch, name, None)
+        value = vars(torch).get(name)  # not getattr: a name such as _dynamo would import that module
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             return value
     return _resolve_common(module, name, origin)

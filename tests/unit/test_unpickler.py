@@ -361,3 +361,19 @@ def test_light_mode_refuses_a_dtype_that_is_a_layout():
     records.state_dict_metadata[key].properties.__dict__["dtype"] = unpickler.resolve("torch", "strided", True)
     with pytest.raises(CheckpointFormatError, match="is not a torch.dtype"):
         parse_metadata(records, source="s", light=True)
+
+
+@pytest.mark.parametrize("light", [False, True])
+def test_a_global_naming_a_lazy_torch_submodule_imports_nothing(light):
+    # torch imports some submodules on first attribute access (torch._dynamo, torch.onnx, ...): a
+    # .metadata naming one is refused by name without that import.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom fsdpck.checkpoint import unpickler\n"
+            f"assert unpickler.resolve('torch', 'onnx', {light}) is None\n"
+            f"assert unpickler.resolve('torch', '_dynamo', {light}) is None\n"
+            "print('torch.onnx' in sys.modules, 'torch._dynamo' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False False", p.stdout
