@@ -20,6 +20,13 @@ from typing import Any
 
 from fsdpck.checkpoint.dtypes import COMPLEX_PARTS
 
+def narrow_tensor(t: Any, offsets: tuple[int, ...], sizes: tuple[int, ...], origin: tuple[int, ...]) -> Any:
+    """The view at global ``offsets`` of ``sizes`` in a tensor whose first element is at global ``origin``."""
+    for dim, (start, length) in enumerate(zip(offsets, sizes)):
+        t = t.narrow(dim, start - origin[dim], length)
+    return t
+
+
 @dataclass(frozen=True, slots=True)
 class Piece:
     """Elements at ``address``: ``size`` and ``stride`` (in elements) per dim, of ``dtype``."""
@@ -57,11 +64,7 @@ class Piece:
         if offsets == origin and sizes == self.size:
             return self
         address = self.address + self.itemsize * sum((o - g) * s for o, g, s in zip(offsets, origin, self.stride))
-        view = None
-        if self.tensor_view is not None:
-            view = self.tensor_view
-            for dim, (start, length) in enumerate(zip(offsets, sizes)):
-                view = view.narrow(dim, start - origin[dim], length)
+        view = None if self.tensor_view is None else narrow_tensor(self.tensor_view, offsets, sizes, origin)
         return replace(self, address=address, size=tuple(sizes), tensor_view=view)
 
     def real_view(self) -> Piece:

@@ -20,6 +20,7 @@ import math
 import struct
 from typing import Any
 
+from fsdpck.checkpoint.dtypes import ITEMSIZE
 from fsdpck.checkpoint.metadata import KIND_TENSOR, MAX_INT, CheckpointMetadata, ChunkInfo, KeyInfo, StorageRef
 from fsdpck.errors import CheckpointFormatError
 
@@ -27,12 +28,11 @@ SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own bound
 SHARDING_KEY = "DCP_SHARDING_INFO"
 
-# safetensors dtype names -> (torch dtype name, itemsize)
+# safetensors dtype names -> torch dtype names (element sizes: fsdpck.checkpoint.dtypes.ITEMSIZE)
 DTYPES = {
-    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "I16": ("int16", 2), "U16": ("uint16", 2),
-    "I32": ("int32", 4), "U32": ("uint32", 4), "I64": ("int64", 8), "U64": ("uint64", 8), "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2), "F32": ("float32", 4), "F64": ("float64", 8), "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1), "C64": ("complex64", 8),
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
+    "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
 }
 
 
@@ -128,7 +128,7 @@ def parse_files(headers: dict[str, tuple[dict[str, Any], int, int]]) -> Checkpoi
                 if len(offsets) != len(shape):
                     raise _fail(source, f"{SHARDING_KEY} of {key[:80]!r} has {len(offsets)} offsets for "
                                         f"{len(shape)} dims")
-            name_dtype = DTYPES[dtype][0]
+            name_dtype = DTYPES[dtype]
             if dtypes.setdefault(key, name_dtype) != name_dtype:
                 raise _fail(source, f"tensor {key[:80]!r} is {name_dtype} here and {dtypes[key]} in another file")
             # The whole tensor spans every chunk's end, as DCP's own reader assembles it.
@@ -142,9 +142,8 @@ def parse_files(headers: dict[str, tuple[dict[str, Any], int, int]]) -> Checkpoi
     keys = {}
     for key, key_chunks in chunks.items():
         name_dtype = dtypes[key]
-        itemsize = next(size for n, size in DTYPES.values() if n == name_dtype)
-        keys[key] = KeyInfo(key=key, kind=KIND_TENSOR, shape=tuple(shapes[key]), dtype=name_dtype, itemsize=itemsize,
-                            chunks=tuple(key_chunks))
+        keys[key] = KeyInfo(key=key, kind=KIND_TENSOR, shape=tuple(shapes[key]), dtype=name_dtype,
+                            itemsize=ITEMSIZE[name_dtype], chunks=tuple(key_chunks))
     return CheckpointMetadata(dcp_version=None, keys=keys, orphans=[], storage_entries=sum(map(len, chunks.values())))
 
 
@@ -154,7 +153,7 @@ def read_chunk(stream: Any, chunk: ChunkInfo, *, dtype: str) -> Any:
 
     stream.seek(chunk.storage.offset)
     data = stream.read(chunk.storage.length)
-    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    itemsize = ITEMSIZE.get(dtype) or torch.empty((), dtype=getattr(torch, dtype)).element_size()
     if len(data) != math.prod(chunk.sizes) * itemsize:
         raise CheckpointFormatError(f"{chunk.storage.file}: {len(data)} bytes where {math.prod(chunk.sizes)} "
                                     f"{dtype} elements need {math.prod(chunk.sizes) * itemsize}")

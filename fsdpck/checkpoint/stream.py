@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 from fsdpck.checkpoint import safetensors, torchsave
 from fsdpck.checkpoint.integrity import CheckpointDir
 from fsdpck.checkpoint.metadata import ChunkInfo, KeyInfo
-from fsdpck.checkpoint.piece import Piece
+from fsdpck.checkpoint.piece import Piece, narrow_tensor
 from fsdpck.checkpoint.reader import dcp_metadata
 from fsdpck.checkpoint.storage import LocalStorage
 from fsdpck.errors import CheckpointFormatError
@@ -287,9 +287,7 @@ def _runs(items: list[Any], where: Callable[[Any], tuple[str, int, int]]) -> lis
 
 def _narrow(t: Any, part: Box, origin: tuple[int, ...]) -> Any:
     """The view of ``part`` (global offsets) in a tensor whose first element is at global ``origin``."""
-    for dim, (start, length) in enumerate(zip(part.offsets, part.sizes)):
-        t = t.narrow(dim, start - origin[dim], length)
-    return t
+    return narrow_tensor(t, part.offsets, part.sizes, origin)
 
 
 def _deliver(req: Request, part: Box, piece: Piece, on_piece: Any) -> None:
