@@ -18,6 +18,9 @@ ITEMSIZE: dict[str, int] = {
     "bits1x8": 1, "bits2x4": 1, "bits4x2": 1, "bits8": 1, "bits16": 2,
     **{f"int{k}": 1 for k in range(1, 8)}, **{f"uint{k}": 1 for k in range(1, 8)},
 }
+# torch's other names of dtypes (torch.float is torch.float32), which a pickle may name too.
+ALIASES = {"short": "int16", "int": "int32", "long": "int64", "half": "float16", "float": "float32",
+           "double": "float64", "chalf": "complex32", "cfloat": "complex64", "cdouble": "complex128", "bit": "uint1"}
 # Complex dtypes and the real dtype of their two parts (a complex piece is described and
 # fingerprinted as its real view: one more dim of 2).
 COMPLEX_PARTS = {"complex64": "float32", "complex128": "float64", "complex32": "float16"}

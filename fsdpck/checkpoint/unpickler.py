@@ -36,10 +36,11 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import re
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO, Callable
 
-from fsdpck.checkpoint.dtypes import ITEMSIZE, LAYOUTS, MEMORY_FORMATS
+from fsdpck.checkpoint.dtypes import ALIASES, ITEMSIZE, LAYOUTS, MEMORY_FORMATS
 from fsdpck.errors import CheckpointFormatError
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -205,15 +206,23 @@ class TorchName(metaclass=_Sealed):
         raise TypeError("a light-mode torch name is not picklable")
 
 
+# The shape of a dtype's name (float8_e4m3fn, uint3, bits16, ...): only such a name, when the table
+# does not know it, is asked of torch; any other name of torch's is refused as it is.
+_DTYPE_NAME = re.compile(r"(b?float|q?u?int|complex|bits)[0-9][0-9a-z_]*")
+
+
 def _torch_name(name: str) -> TorchName | None:
     """``torch.<name>`` in light mode: a known dtype, layout or memory format; else torch's own answer."""
+    name = ALIASES.get(name, name)
     if name in ITEMSIZE:
         return TorchName("dtype", name, ITEMSIZE[name])
     if name in LAYOUTS:
         return TorchName("layout", name)
     if name in MEMORY_FORMATS:
         return TorchName("memory_format", name)
-    import torch  # a name this table does not know (a newer torch's dtype): torch decides
+    if not _DTYPE_NAME.fullmatch(name):  # refused without importing torch (about 2 s)
+        return None
+    import torch  # a dtype name this table does not know (a newer torch's): torch decides
 
     value = vars(torch).get(name)  # not getattr: torch imports submodules lazily by name
     if isinstance(value, torch.dtype):

@@ -334,7 +334,7 @@ def test_light_mode_names_torch_objects_without_torch_and_seals_them(monkeypatch
     with pytest.raises(pickle.UnpicklingError, match="refused to set"):
         f32.itemsize = 8
     assert unpickler.resolve("torch", "load", True) is None  # not a dtype, layout or memory format
-    assert unpickler.resolve("torch", "float", True).name == "float32"  # an alias: torch decides, by its own name
+    assert unpickler.resolve("torch", "float", True).name == "float32"  # an alias, by its dtype's own name
     # A dtype the table does not know (a newer torch's) is asked of torch.
     unpickler.resolve.cache_clear()
     monkeypatch.setattr(unpickler, "ITEMSIZE", {k: v for k, v in dtypes.ITEMSIZE.items() if k != "float8_e5m2"})
@@ -377,3 +377,28 @@ def test_a_global_naming_a_lazy_torch_submodule_imports_nothing(light):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "False False", p.stdout
+
+
+def test_light_mode_refuses_an_unknown_torch_name_without_importing_torch():
+    # Only a name shaped like a dtype's (a newer torch's float8_*, uint3, ...) is asked of torch; a
+    # hostile .metadata naming torch.onnx, torch.save or torch.load costs no `import torch`.
+    import subprocess
+    import sys
+
+    from fsdpck.checkpoint import dtypes
+
+    code = ("import sys\nfrom fsdpck.checkpoint import unpickler\n"
+            "for name in ('onnx', '_dynamo', 'save', 'load', 'Tensor', 'nn', 'floating', '__import__'):\n"
+            "    assert unpickler.resolve('torch', name, True) is None, name\n"
+            "assert unpickler.resolve('torch', 'float32', True).itemsize == 4\n"
+            "assert unpickler.resolve('torch', 'double', True).name == 'float64'\n"
+            "print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False", p.stdout
+    aliases = {n: str(v).removeprefix("torch.") for n, v in vars(torch).items()
+               if isinstance(v, torch.dtype) and str(v) != f"torch.{n}"}
+    assert aliases == dtypes.ALIASES  # torch.float and the like are named without torch too
+    canonical = [n for n, v in vars(torch).items() if isinstance(v, torch.dtype) and str(v) == f"torch.{n}"]
+    assert "float8_e4m3fn" in canonical
+    assert all(unpickler._DTYPE_NAME.fullmatch(n) for n in canonical if n != "bool"), canonical
