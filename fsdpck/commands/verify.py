@@ -266,6 +266,11 @@ def run_verify(opts: VerifyOptions, *, ctx) -> VerifyResult:
     wd = workdir.prepare(opts.checkpoint_dir, overwrite=opts.overwrite, ctx=ctx)
     out = VerifyResult([], ctx.world_size, ctx.backend, str(ctx.device), wd.storage.url, kept=opts.keep,
                        writer=opts.writer)
+    # A flow collects garbage between its save and its load (release_memory). What is alive between
+    # flows (torch's and DCP's modules: most of the heap) is frozen out of those collections: a full
+    # collection over it took 0.2 s a flow, 40 % of a --matrix run on 2 cores.
+    gc.collect()
+    gc.freeze()
     try:
         for flow in selected:
             storage = workdir.prepare_subdir(wd, flow.name, ctx=ctx)
@@ -277,11 +282,14 @@ def run_verify(opts: VerifyOptions, *, ctx) -> VerifyResult:
                 # flows can still run; anything else ends the run (the runner's boundary).
                 out.results.append(FlowResult(flow=flow, path=storage.url, dims=dims,
                                               error=f"{current_phase()}: {describe_checkpoint_exception(e, path=storage.url)}"))
+            gc.collect()  # the flow's own garbage; what survives it is frozen too
+            gc.freeze()
     except OSError as e:
         if e.filename is None:  # a failed write() or close() names no file: name the dir being written
             e.filename = wd.storage.url
         raise
     finally:
+        gc.unfreeze()
         if any(f.mode.checkpointer == "process" for f in selected):
             flows.stop_async_process()
         # A failed check keeps its checkpoint for inspection; a verified one is cleaned up unless --keep.
