@@ -121,6 +121,7 @@ def test_a_server_that_goes_away_mid_save(server, s3, tmp_path):
     """The store stops while the ranks write: exit 3 naming a rank; what was written is INCOMPLETE."""
     srv, endpoint = server
     env, bucket, client = s3
+    env = dict(env, AWS_MAX_ATTEMPTS="1")  # the store is gone for good: no need to wait out botocore's retries
     proc = subprocess.Popen([sys.executable, "-m", "fsdpck", "save", "-n", "2", f"s3://{bucket}/big", "--size", "100MB", "--no-single-file-per-rank",
                              "--timeout", "60"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
