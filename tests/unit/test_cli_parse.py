@@ -251,3 +251,26 @@ def test_the_elastic_error_file_is_written_whole(tmp_path, monkeypatch):
     launch.write_elastic_error_file("rank 1 during save: boom")
     assert json.loads(target.read_text())["message"] == "rank 1 during save: boom"
     assert [p.name for p in tmp_path.iterdir()] == ["error.json"]  # no temporary left behind
+
+
+def test_the_envelope_names_the_installed_torch_without_importing_it(tmp_path, monkeypatch):
+    # Read from torch's version.py: the same answer as the installed distribution's metadata, with
+    # neither torch nor importlib.metadata imported (an offline command's start-up is 0.2 s).
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    from fsdpck.report import envelope
+
+    code = ("import sys\nfrom fsdpck.report.envelope import torch_version\nprint(torch_version())\n"
+            "print('torch' in sys.modules, 'importlib.metadata' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [metadata.version("torch"), "False", "False"], p.stdout
+    # A torch whose version.py says nothing readable: the distribution's metadata answers.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    (tmp_path / "torch" / "version.py").write_text("__version__ = compute()\n")
+    monkeypatch.setattr(envelope.importlib.util, "find_spec", lambda name: type("S", (), {"origin": str(tmp_path / "torch" / "__init__.py")})())
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert envelope.torch_version() == metadata.version("torch")
