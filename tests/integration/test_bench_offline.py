@@ -25,4 +25,7 @@ def test_bench_offline_measures_everything(tmp_path):
     check_envelope(doc, "bench-offline", 0)
     assert set(doc["samples"]) == MEASUREMENTS and all(len(v) >= 1 for v in doc["samples"].values())
     assert set(doc["ratios"]) >= set(doc["targets"]) and doc["data_bytes"] > 0
+    # Each ratio is the median of side-by-side pairs: one pair per repetition.
+    assert set(doc["pairs"]) == set(doc["ratios"]) and all(len(v) == 1 for v in doc["pairs"].values())
+    assert doc["ratios"]["diff / cat A+B"] == doc["pairs"]["diff / cat A+B"][0]
     assert "| inspect / import torch |" in r.out and "| diff read phase / cat A+B |" in r.out
