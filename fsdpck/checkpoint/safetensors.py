@@ -22,6 +22,7 @@ from typing import Any
 
 from fsdpck.checkpoint.dtypes import ITEMSIZE
 from fsdpck.checkpoint.metadata import KIND_TENSOR, MAX_INT, CheckpointMetadata, ChunkInfo, KeyInfo, StorageRef
+from fsdpck.checkpoint.torchsave import StoredTensor
 from fsdpck.errors import CheckpointFormatError
 
 SUFFIX = ".safetensors"
@@ -145,6 +146,18 @@ def parse_files(headers: dict[str, tuple[dict[str, Any], int, int]]) -> Checkpoi
         keys[key] = KeyInfo(key=key, kind=KIND_TENSOR, shape=tuple(shapes[key]), dtype=name_dtype,
                             itemsize=ITEMSIZE[name_dtype], chunks=tuple(key_chunks))
     return CheckpointMetadata(dcp_version=None, keys=keys, orphans=[], storage_entries=sum(map(len, chunks.values())))
+
+
+def locate(chunk: ChunkInfo, *, dtype: str, itemsize: int) -> StoredTensor:
+    """Where a chunk's elements lie in its file: its whole byte range, row-major (the format has no
+    other layout). The range was checked against the file; its length is checked against the shape."""
+    numel = math.prod(chunk.sizes)
+    if chunk.storage.length != numel * itemsize:
+        raise CheckpointFormatError(f"{chunk.storage.file}: {chunk.storage.length} bytes where {numel} {dtype} "
+                                    f"elements need {numel * itemsize}")
+    stride = tuple(math.prod(chunk.sizes[d + 1:]) for d in range(len(chunk.sizes)))
+    return StoredTensor(data_offset=0, nbytes=chunk.storage.length, storage_offset=0, size=tuple(chunk.sizes),
+                        stride=stride)
 
 
 def read_chunk(stream: Any, chunk: ChunkInfo, *, dtype: str) -> Any:

@@ -8,14 +8,15 @@ offsets, tensor)`` or copied into the request's own target tensor, then let go: 
 near ``threads`` × the largest stored chunk.
 
 A chunk in a local file is read by fsdpck itself: :mod:`fsdpck.checkpoint.torchsave` finds its
-elements inside its ``torch.save`` archive without running the archive's pickle, and they are
+elements inside its ``torch.save`` archive without running the archive's pickle (a safetensors
+chunk is its byte range, row-major: :func:`fsdpck.checkpoint.safetensors.locate`), and they are
 read into a buffer the process reuses, with no fresh tensor and no copy per chunk, and without
 importing DCP or torch: each piece goes to ``on_piece`` as memory (a
 :class:`~fsdpck.checkpoint.piece.Piece`), which the C kernels read by address; a chunk stored
 row-major goes in slices of whole rows (:data:`SLICE_BYTES`). Anything else — remote storage, a
 storage transform, an archive ``torchsave`` does not vouch for — goes through DCP's own read
 planning (``create_read_items_for_chunk_list``) and reader (``FileSystemReader.read_data``, with
-fsdpck's no-follow files), as before.
+fsdpck's no-follow files), as before; a remote safetensors chunk is read whole into a tensor.
 
 The reads are sorted by file and offset, grouped into runs, and the runs are read by a pool of
 threads: reads and the work on each piece (the fingerprint's C kernel, torch's reductions)
@@ -137,16 +138,16 @@ def read_pieces(ckpt: CheckpointDir, requests: list[Request], on_piece: Callable
     requests = [r for r in requests if r.box.numel > 0]
     threads = threads or read_threads()
     with progress.reading(label, planned_bytes(requests)) as advance:
-        if ckpt.format == "safetensors":
-            return _read_safetensors(ckpt, requests, on_piece, advance, threads)
+        # The other way: DCP's reader, or (safetensors) a torch tensor per chunk.
+        other = _read_safetensors if ckpt.format == "safetensors" else _read_dcp
         if not (torchsave.DIRECT_READS and isinstance(ckpt.storage, LocalStorage)):
-            return _read_dcp(ckpt, requests, on_piece, advance, threads)
+            return other(ckpt, requests, on_piece, advance, threads)
         # Local files are read by fsdpck itself, each chunk into a reused buffer: DCP's reader
         # gives every chunk a fresh tensor and then copies it, and importing DCP costs about as
         # much as importing torch (docs/benchmarks.md, "Offline reads").
         errors, rest = _read_local(ckpt, requests, on_piece, advance, threads)
         if rest:
-            errors.update(_read_dcp(ckpt, rest, on_piece, advance, threads))
+            errors.update(other(ckpt, rest, on_piece, advance, threads))
         return errors
 
 
@@ -298,15 +299,18 @@ def _deliver(req: Request, part: Box, piece: Piece, on_piece: Any) -> None:
         on_piece(req, part.offsets, piece)
 
 
-def _read_part(stream: Any, part: _Part, on_piece: Any) -> bool:
+def _read_part(stream: Any, part: _Part, on_piece: Any, fmt: str) -> bool:
     """Read one part straight from its (open) file through a reused buffer and deliver it; False
-    where it is left to DCP's reader (a storage transform, or an archive :func:`torchsave.locate`
-    does not vouch for)."""
+    where it is left to the other way (a storage transform, a dtype without a known size, or an
+    archive :func:`torchsave.locate` does not vouch for). ``fmt``: the checkpoint's format."""
     info, chunk, ref = part.req.info, part.chunk, part.chunk.storage
     if ref is None or ref.transforms or not info.itemsize:
         return False
-    found = torchsave.locate(stream, ref.offset, ref.length, dtype=info.dtype or "", itemsize=info.itemsize,
-                             sizes=chunk.sizes)
+    if fmt == "safetensors":
+        found = safetensors.locate(chunk, dtype=info.dtype or "", itemsize=info.itemsize)
+    else:
+        found = torchsave.locate(stream, ref.offset, ref.length, dtype=info.dtype or "", itemsize=info.itemsize,
+                                 sizes=chunk.sizes)
     if found is None:
         return False
     itemsize, what = info.itemsize, f"{ref.file} ({info.key})"
@@ -350,8 +354,8 @@ class _PartlyDelivered(Exception):
 
 def _read_local(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, advance: Any, threads: int
                 ) -> tuple[dict[str, str], list[Request]]:
-    """Read the requests' chunks from local files without DCP: ``{key: error}``, and a request per
-    part left to DCP's reader (its box is that part, so nothing is delivered twice)."""
+    """Read the requests' chunks from local files without DCP or torch: ``{key: error}``, and a request
+    per part left to the other way (its box is that part, so nothing is delivered twice)."""
     parts = _parts(requests)
     runs = _runs(parts, lambda p: (p.chunk.storage.file, p.chunk.storage.offset, p.chunk.storage.length))
     left: list[_Part] = []
@@ -366,7 +370,7 @@ def _read_local(ckpt: CheckpointDir, requests: list[Request], on_piece: Any, adv
                 for part in run:
                     if id(part) in done:
                         continue
-                    if _read_part(stream, part, on_piece):
+                    if _read_part(stream, part, on_piece, ckpt.format):
                         advance(part.chunk.storage.length)
                     else:
                         with lock:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, check_envelope, fsdpck
+from conftest import REPO, check_envelope, fsdpck, worker_env
 
 pytestmark = pytest.mark.slow
 FIXTURES = REPO / "tests" / "data" / "torch-2.11.tar.xz"
@@ -60,6 +62,35 @@ def test_a_flipped_bit_in_a_safetensors_file_is_caught(st_saved, tmp_path):
     assert i.code == 1 and "MISMATCH" in i.text and key in i.text, i.tail()
     lo = fsdpck("load", str(path), nproc=2)
     assert lo.code == 1 and f"{key} (differs)" in lo.last_line(), lo.tail()
+
+
+def test_safetensors_offline_reads_need_no_torch_and_agree_with_the_torch_way(st_saved, tmp_path):
+    # Local safetensors chunks are read like DCP's own (fsdpck's buffers, the C kernels by address):
+    # inspect --verify-data --stats and diff import no torch, and give what the torch way gives.
+    code = (
+        "import json, sys\n"
+        "from fsdpck.checkpoint import torchsave\n"
+        "torchsave.DIRECT_READS = sys.argv[2] == 'direct'\n"
+        "from fsdpck.cli import cli\n"
+        "def run(*args):\n"
+        "    try:\n"
+        "        cli.main(list(args), standalone_mode=False)\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, (args, e.code)\n"
+        "run('inspect', sys.argv[1], '--verify-data', '--stats', '--json', sys.argv[3])\n"
+        "run('diff', sys.argv[1], sys.argv[1])\n"
+        "print('torch:', sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    docs = {}
+    for way in ("direct", "torch"):
+        target = tmp_path / f"{way}.json"
+        p = subprocess.run([sys.executable, "-c", code, str(st_saved), way, str(target)], capture_output=True,
+                           text=True, timeout=300, env=worker_env())
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert ("torch: []" in p.stdout.splitlines()) == (way == "direct"), p.stdout[-2000:]
+        docs[way] = json.loads(target.read_text())
+    assert docs["direct"]["keys"] == docs["torch"]["keys"] and len(docs["direct"]["keys"]) > 5
+    assert all(k.get("stats") for k in docs["direct"]["keys"]), docs["direct"]["keys"][0]
 
 
 def test_a_hostile_safetensors_header_is_a_problem(st_saved, tmp_path):

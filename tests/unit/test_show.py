@@ -99,9 +99,9 @@ def test_show_reads_only_what_the_slice_needs(ckpt, monkeypatch):
     parts = []
     original_part = stream._read_part
 
-    def spy_part(stream_, part, on_piece):
+    def spy_part(stream_, part, on_piece, fmt):
         parts.append((part.req.info.key, part.box, part.chunk.offsets))
-        return original_part(stream_, part, on_piece)
+        return original_part(stream_, part, on_piece, fmt)
 
     monkeypatch.setattr(stream, "_read_part", spy_part)
     result = show_key(str(ckpt), "model.w", slice_expr="0:2,0:2")
