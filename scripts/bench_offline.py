@@ -17,7 +17,8 @@ Each repetition, in an order that rotates so that a drift of the machine favours
 
 Each command is measured next to its own ``cat`` of the same files, in an order that alternates
 by repetition (on a virtual disk whichever reads second may find the host still caching the
-files), and each ratio is the median over the repetitions of these side-by-side ratios.
+files). Each ratio is given two ways, the median over the repetitions of these side-by-side
+ratios and the ratio of the medians; a target counts as met only where both are within it.
 
 It prints a table of medians and the ratios the targets of issue 20 are about (a command within
 1.25x of ``cat`` cold; ``inspect`` within 2x of ``import torch``) and writes every sample to
@@ -164,6 +165,25 @@ def ratios(pairs: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in pairs.items()}
 
 
+BASES = {"inspect --verify-data": "cat A (cold)", "inspect --stats": "cat A (cold)", "diff": "cat A+B (cold)",
+         "inspect": "import torch"}
+
+
+def ratios_of_medians(samples: dict[str, list[float]], pairs: dict[str, list[float]]) -> dict[str, float]:
+    """The same ratios as the median of a command's samples over the median of its baseline's: where
+    the baseline jumps between two speeds from one read to the next (this VM's disk does), a median
+    of ratios depends on which reads were paired, a ratio of medians does not."""
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    out = {}
+    for name in pairs:
+        command = name.split(" / ")[0]
+        phase = command.endswith(" read phase")
+        command = command.removesuffix(" read phase")
+        measured = f"{command} ({'read phase' if phase else 'wall'})"
+        out[name] = medians[measured] / medians[BASES[command]]
+    return out
+
+
 def report(samples: dict[str, list[float]], pairs: dict[str, list[float]], data_bytes: int) -> str:
     medians = {k: statistics.median(v) for k, v in samples.items()}
     lines = [f"checkpoint data: {data_bytes / 1e9:.3f} GB per side; {os.cpu_count()} CPUs; "
@@ -172,11 +192,15 @@ def report(samples: dict[str, list[float]], pairs: dict[str, list[float]], data_
     for name, values in samples.items():
         unit = "" if name == "resident after drop" else " s"
         lines.append(f"| {name} | {medians[name]:.3f}{unit} ({min(values):.3f}–{max(values):.3f}) |")
-    lines += ["", "| ratio (median of side-by-side pairs) | value (min–max) | target |", "| --- | --- | --- |"]
+    lines += ["", "| ratio | median of side-by-side pairs (min–max) | ratio of medians | target (both) |",
+              "| --- | --- | --- | --- |"]
+    of_medians = ratios_of_medians(samples, pairs)
     for name, value in ratios(pairs).items():
         target = TARGETS.get(name)
-        verdict = f"≤ {target} **{'met' if value <= target else 'missed'}**" if target else "(info)"
-        lines.append(f"| {name} | {value:.2f} ({min(pairs[name]):.2f}–{max(pairs[name]):.2f}) | {verdict} |")
+        worst = max(value, of_medians[name])
+        verdict = f"≤ {target} **{'met' if worst <= target else 'missed'}**" if target else "(info)"
+        lines.append(f"| {name} | {value:.2f} ({min(pairs[name]):.2f}–{max(pairs[name]):.2f}) | "
+                     f"{of_medians[name]:.2f} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -209,7 +233,8 @@ def main() -> int:
                        checkpoint=str(a), data_bytes=data_bytes, cpus=os.cpu_count(),
                        filesystem=bench_io.filesystem_of(a), reps=args.reps, samples=samples,
                        medians={k: statistics.median(v) for k, v in samples.items()},
-                       pairs=pairs, ratios=ratios(pairs), targets=TARGETS)
+                       pairs=pairs, ratios=ratios(pairs), ratios_of_medians=ratios_of_medians(samples, pairs),
+                       targets=TARGETS)
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 

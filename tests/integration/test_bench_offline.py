@@ -28,4 +28,7 @@ def test_bench_offline_measures_everything(tmp_path):
     # Each ratio is the median of side-by-side pairs: one pair per repetition.
     assert set(doc["pairs"]) == set(doc["ratios"]) and all(len(v) == 1 for v in doc["pairs"].values())
     assert doc["ratios"]["diff / cat A+B"] == doc["pairs"]["diff / cat A+B"][0]
+    assert set(doc["ratios_of_medians"]) == set(doc["ratios"])
+    assert doc["ratios_of_medians"]["inspect / import torch"] == (doc["medians"]["inspect (wall)"]
+                                                                  / doc["medians"]["import torch"])
     assert "| inspect / import torch |" in r.out and "| diff read phase / cat A+B |" in r.out
