@@ -27,12 +27,11 @@ def torch_version() -> str | None:
         return str(torch.__version__)
     # torch's own version.py names it (``__version__ = '2.13.0+cpu'``): read, not imported, it costs
     # no ``import torch`` and no importlib.metadata (20-40 ms of a 0.2 s start-up).
-    spec = importlib.util.find_spec("torch")
-    if spec is None:
-        return None
     try:
-        text = Path(spec.origin or "").with_name("version.py").read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        spec = importlib.util.find_spec("torch")
+        origin = spec.origin if spec is not None else None
+        text = Path(origin).with_name("version.py").read_text(encoding="utf-8", errors="replace") if origin else ""
+    except (ImportError, ValueError, OSError):  # no torch, a namespace package, an unreadable file
         text = ""
     found = re.search(r"^__version__\s*(?::\s*str\s*)?=\s*['\"]([^'\"\n]+)['\"]", text, re.MULTILINE)
     if found:

@@ -274,3 +274,12 @@ def test_the_envelope_names_the_installed_torch_without_importing_it(tmp_path, m
     monkeypatch.setattr(envelope.importlib.util, "find_spec", lambda name: type("S", (), {"origin": str(tmp_path / "torch" / "__init__.py")})())
     monkeypatch.delitem(sys.modules, "torch", raising=False)
     assert envelope.torch_version() == metadata.version("torch")
+    # A namespace package (no origin) or a finder that fails: the same fallback, no traceback.
+    monkeypatch.setattr(envelope.importlib.util, "find_spec", lambda name: type("S", (), {"origin": None})())
+    assert envelope.torch_version() == metadata.version("torch")
+
+    def broken(name):
+        raise ValueError("torch.__spec__ is None")
+
+    monkeypatch.setattr(envelope.importlib.util, "find_spec", broken)
+    assert envelope.torch_version() == metadata.version("torch")
