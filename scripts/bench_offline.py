@@ -151,7 +151,8 @@ def measure(a: Path, b: Path, reps: int, work: Path, skip: list[str]
         (lambda rep, name=name, argv=argv, files=files, base=base: step_pair(name, argv, files, base, rep))
         for name, (argv, files, base) in commands.items() if name not in skip]
     compile_bytecode()
-    run(fsdpck("inspect", str(a)))  # warm the interpreter's own files and the fingerprint kernel's cache
+    # Warm the interpreter's own files and the C kernels' cache (a fresh node compiles them once: ~6 s).
+    run(fsdpck("inspect", str(a), "--verify-data", "--stats"))
     for rep in range(reps):
         order = steps[rep % len(steps):] + steps[: rep % len(steps)]
         for step in order:

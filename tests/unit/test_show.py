@@ -217,6 +217,21 @@ def test_a_bad_chunk_names_its_key_and_the_others_still_read(ckpt, tmp_path):
     assert [(p.kind, p.key) for p in result.problems] == [("unreadable", "nested.v")] and result.exit_code == 1
 
 
+def test_a_failure_of_the_work_on_a_piece_is_that_keys_error(ckpt):
+    opened = open_checkpoint(LocalStorage(ckpt))
+    seen = []
+
+    def on_piece(req, offsets, piece):
+        if req.info.key == "nested.v":
+            raise MemoryError("no room for this piece")
+        seen.append(req.info.key)
+
+    tensors = [i for i in opened.metadata.keys.values() if i.kind == "tensor"]
+    errors = read_pieces(opened, [Request(i, Box.whole(i.shape)) for i in tensors], on_piece, threads=2)
+    assert list(errors) == ["nested.v"] and "no room for this piece" in errors["nested.v"]
+    assert {i.key for i in tensors} - {"nested.v"} <= set(seen)
+
+
 # --- diff --values with tolerances, across chunkings ---------------------------------------------
 
 
