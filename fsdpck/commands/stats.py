@@ -180,9 +180,9 @@ def _integer_stats(x: Any, out: ValueStats) -> ValueStats:
     for start in range(0, x.numel(), BLOCK):
         block = x[start: start + BLOCK]
         out.zeros += block.numel() - _nonzero(block)
-        b_lo, b_hi = torch.aminmax(block)
-        lo = int(b_lo) if lo is None else min(lo, int(b_lo))
-        hi = int(b_hi) if hi is None else max(hi, int(b_hi))
+        b_lo, b_hi = _extremes(block)
+        lo = b_lo if lo is None else min(lo, b_lo)
+        hi = b_hi if hi is None else max(hi, b_hi)
         wide = block.to(torch.float64)
         total = float(wide.sum())
         if shift is None:
@@ -193,6 +193,21 @@ def _integer_stats(x: Any, out: ValueStats) -> ValueStats:
     out.mean = shift + s / n
     out.m2 = max(q - s * s / n, 0.0)
     return out
+
+
+def _extremes(block: Any) -> tuple[int, int]:
+    """Exact min and max of integers. torch has no aminmax for uint16/32/64 on the CPU: uint16 and
+    uint32 go through int64; uint64 through its int64 bits with the top bit flipped, which orders
+    them as unsigned (0 is -2**63, 2**64-1 is 2**63-1)."""
+    import torch
+
+    if block.dtype in (torch.uint16, torch.uint32):
+        block = block.to(torch.int64)
+    elif block.dtype == torch.uint64:
+        lo, hi = torch.aminmax(block.view(torch.int64) ^ -(1 << 63))
+        return int(lo) + (1 << 63), int(hi) + (1 << 63)
+    lo, hi = torch.aminmax(block)
+    return int(lo), int(hi)
 
 
 def scalar_value(stats: ValueStats) -> float | int | None:

@@ -149,6 +149,23 @@ def test_pieces_the_c_kernel_does_not_serve_take_torch_and_agree():
     assert piece_stats(as_piece(torch.empty(0, 4))).as_dict() == {**ValueStats().as_dict(), "numel": 0}
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_wide_unsigned_integers_have_exact_extremes(dtype):
+    # torch has no aminmax for these on the CPU (inspect --stats called them unreadable, show exited 3).
+    top = {torch.uint16: 2**16 - 1, torch.uint32: 2**32 - 1, torch.uint64: 2**64 - 1}[dtype]
+
+    def tensor(values):  # built through int64 bits: torch.tensor cannot hold 2**63 and above
+        bits = torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in values], dtype=torch.int64)
+        return bits.view(torch.uint64) if dtype == torch.uint64 else bits.to(dtype)
+
+    values = [0, 7, top, top // 2 + 1, 3, 0]
+    got = piece_stats(as_piece(tensor(values)))
+    assert (got.numel, got.zeros, got.min, got.max) == (6, 2, 0, top)
+    assert got.mean == pytest.approx(sum(values) / 6, rel=1e-12)
+    one = piece_stats(as_piece(tensor([top // 2 + 1])))
+    assert one.min == one.max == top // 2 + 1
+
+
 def test_the_c_kernel_keeps_a_small_spread_around_a_large_mean():
     if ckernel.c_kernel()[0] is None or not ckernel._c_values:
         pytest.skip("no C kernel here")
