@@ -130,7 +130,18 @@ def _read_tensor(ckpt: Any, info: Any, result: ShowResult, *, width: int, progre
 
     sel = result.selection
     box = Box(sel.offsets, sel.sizes)
-    request = Request(info, box, into=torch.empty(sel.sizes, dtype=getattr(torch, info.dtype or "")))
+    try:
+        into = torch.empty(sel.sizes, dtype=getattr(torch, info.dtype or ""))
+    except RuntimeError:
+        # Only an empty selection can be too large for torch (a dim of 0 beside dims whose strides pass
+        # int64, as a hostile header may claim): nothing to read, shown without a tensor.
+        if box.numel:
+            raise
+        result.stats = ValueStats()
+        result.text = f"tensor([], size={tuple(sel.shape)}, dtype=torch.{info.dtype})"
+        result.values = []
+        return
+    request = Request(info, box, into=into)
     result.chunks_read = sum(1 for c in info.chunks if c.numel and box.numel and intersect(box, c) is not None)
     result.bytes_read = planned_bytes([request])
     errors = read_pieces(ckpt, [request], progress=progress, label="show: reading")

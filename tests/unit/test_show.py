@@ -269,3 +269,18 @@ def test_tolerance_does_not_hide_nan():
     d = element_diff(a, b, tolerance=Tolerance(atol=1e9, rtol=1e9))
     assert (d["differing"], d["first_index"], d["max_abs_diff"]) == (1, 1, math.inf)
     assert element_diff(a, a.clone(), tolerance=Tolerance(atol=1.0))["differing"] == 0
+
+
+def test_an_empty_tensor_whose_shape_torch_cannot_hold_is_shown_empty(tmp_path):
+    # A header may claim a dim of 0 beside dims whose strides pass int64: nothing to read, and no
+    # tensor to make (torch.empty refuses the shape); show says so instead of failing (it exited 3).
+    import struct
+
+    shape = [0, 2**62 - 1, 2**62 - 1]
+    header = {"__metadata__": {"DCP_SHARDING_INFO": json.dumps({"w": {"saved_offsets": [0, 0, 0]}})},
+              "w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}
+    text = json.dumps(header).encode()
+    (tmp_path / "shard-00001-model-00001-of-00001.safetensors").write_bytes(struct.pack("<Q", len(text)) + text)
+    result = show_key(str(tmp_path), "w")
+    assert result.exit_code == 0 and result.values == [] and result.stats.numel == 0, result.error
+    assert "size=(0, 4611686018427387903, 4611686018427387903)" in result.text
