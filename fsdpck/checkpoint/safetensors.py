@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from fsdpck.checkpoint.dtypes import ITEMSIZE
@@ -86,60 +87,81 @@ def read_header(stream: Any, *, size: int, source: str) -> tuple[dict[str, Any],
     return header, 8 + n
 
 
-def parse_files(headers: dict[str, tuple[dict[str, Any], int, int]]) -> CheckpointMetadata:
-    """Per file name: (header, data start, file size) -> the checkpoint's metadata model."""
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One tensor chunk a file's header describes, checked: its dtype's torch name, its sizes, its
+    global offsets, and its data's byte range in the file."""
+
+    key: str
+    dtype: str
+    sizes: tuple[int, ...]
+    offsets: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def file_entries(header: dict[str, Any], *, source: str) -> list[Entry]:
+    """The chunks one file's parsed header describes, each checked; the header itself can then be let
+    go (a header's parsed JSON takes many times its bytes: only the entries are kept per file)."""
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise _fail(source, "__metadata__ is not an object")
+    sharding: dict[str, Any] = {}
+    if meta.get(SHARDING_KEY) is not None:
+        try:
+            sharding = json.loads(str(meta[SHARDING_KEY]), object_pairs_hook=_no_duplicates(source),
+                                  parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            if isinstance(e, CheckpointFormatError):
+                raise
+            raise _fail(source, f"{SHARDING_KEY} is not JSON") from None
+        if not isinstance(sharding, dict):
+            raise _fail(source, f"{SHARDING_KEY} is not an object")
+    out = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise _fail(source, f"tensor {key[:80]!r} is not described by an object")
+        dtype = entry.get("dtype")
+        if dtype not in DTYPES:
+            raise _fail(source, f"tensor {key[:80]!r}: dtype {str(dtype)[:20]!r} is not a safetensors dtype")
+        shape = _ints(entry.get("shape"), f"tensor {key[:80]!r} shape", source)
+        pair = _ints(entry.get("data_offsets"), f"tensor {key[:80]!r} data_offsets", source)
+        if len(pair) != 2 or pair[1] < pair[0]:
+            raise _fail(source, f"tensor {key[:80]!r}: data_offsets is not a [begin, end] byte range")
+        info = sharding.get(key)
+        offsets = [0] * len(shape)
+        if info is not None:
+            if not isinstance(info, dict):
+                raise _fail(source, f"{SHARDING_KEY} of {key[:80]!r} is not an object")
+            offsets = _ints(info.get("saved_offsets"), f"{SHARDING_KEY} of {key[:80]!r}", source)
+            if len(offsets) != len(shape):
+                raise _fail(source, f"{SHARDING_KEY} of {key[:80]!r} has {len(offsets)} offsets for "
+                                    f"{len(shape)} dims")
+        out.append(Entry(key, DTYPES[dtype], tuple(shape), tuple(offsets), pair[0], pair[1]))
+    return out
+
+
+def parse_files(files: dict[str, tuple[list[Entry], int, int]]) -> CheckpointMetadata:
+    """Per file name: (its entries, data start, file size) -> the checkpoint's metadata model."""
     chunks: dict[str, list[ChunkInfo]] = {}
     dtypes: dict[str, str] = {}
     shapes: dict[str, list[int]] = {}
-    for name, (header, start, size) in sorted(headers.items()):
+    for name, (entries, start, _size) in sorted(files.items()):
         source = name
-        meta = header.get("__metadata__") or {}
-        if not isinstance(meta, dict):
-            raise _fail(source, "__metadata__ is not an object")
-        sharding: dict[str, Any] = {}
-        if meta.get(SHARDING_KEY) is not None:
-            try:
-                sharding = json.loads(str(meta[SHARDING_KEY]), object_pairs_hook=_no_duplicates(source),
-                                      parse_constant=_reject_constant)
-            except (ValueError, RecursionError) as e:
-                if isinstance(e, CheckpointFormatError):
-                    raise
-                raise _fail(source, f"{SHARDING_KEY} is not JSON") from None
-            if not isinstance(sharding, dict):
-                raise _fail(source, f"{SHARDING_KEY} is not an object")
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            if not isinstance(entry, dict):
-                raise _fail(source, f"tensor {key[:80]!r} is not described by an object")
-            dtype = entry.get("dtype")
-            if dtype not in DTYPES:
-                raise _fail(source, f"tensor {key[:80]!r}: dtype {str(dtype)[:20]!r} is not a safetensors dtype")
-            shape = _ints(entry.get("shape"), f"tensor {key[:80]!r} shape", source)
-            pair = _ints(entry.get("data_offsets"), f"tensor {key[:80]!r} data_offsets", source)
-            if len(pair) != 2 or pair[1] < pair[0]:
-                raise _fail(source, f"tensor {key[:80]!r}: data_offsets is not a [begin, end] byte range")
-            begin, end = pair
-            info = sharding.get(key)
-            offsets = [0] * len(shape)
-            if info is not None:
-                if not isinstance(info, dict):
-                    raise _fail(source, f"{SHARDING_KEY} of {key[:80]!r} is not an object")
-                offsets = _ints(info.get("saved_offsets"), f"{SHARDING_KEY} of {key[:80]!r}", source)
-                if len(offsets) != len(shape):
-                    raise _fail(source, f"{SHARDING_KEY} of {key[:80]!r} has {len(offsets)} offsets for "
-                                        f"{len(shape)} dims")
-            name_dtype = DTYPES[dtype]
-            if dtypes.setdefault(key, name_dtype) != name_dtype:
-                raise _fail(source, f"tensor {key[:80]!r} is {name_dtype} here and {dtypes[key]} in another file")
+        for e in entries:
+            key = e.key
+            if dtypes.setdefault(key, e.dtype) != e.dtype:
+                raise _fail(source, f"tensor {key[:80]!r} is {e.dtype} here and {dtypes[key]} in another file")
             # The whole tensor spans every chunk's end, as DCP's own reader assembles it.
-            ends = [o + s for o, s in zip(offsets, shape)]
+            ends = [o + s for o, s in zip(e.offsets, e.sizes)]
             known = shapes.setdefault(key, ends)
             if len(known) != len(ends):
                 raise _fail(source, f"tensor {key[:80]!r} has chunks of different numbers of dims")
             shapes[key] = [max(a, b) for a, b in zip(known, ends)]
-            ref = StorageRef(file=name, offset=start + begin, length=end - begin)
-            chunks.setdefault(key, []).append(ChunkInfo(offsets=tuple(offsets), sizes=tuple(shape), storage=ref))
+            ref = StorageRef(file=name, offset=start + e.begin, length=e.end - e.begin)
+            chunks.setdefault(key, []).append(ChunkInfo(offsets=e.offsets, sizes=e.sizes, storage=ref))
     keys = {}
     for key, key_chunks in chunks.items():
         name_dtype = dtypes[key]
