@@ -44,6 +44,7 @@ STORAGE_CLASS: dict[str, str] = {
     "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
     "complex64": "ComplexFloatStorage", "complex128": "ComplexDoubleStorage",
 }  # fmt: skip
+_STORAGE_DTYPE = {name: dtype for dtype, name in STORAGE_CLASS.items()}
 
 PICKLE_MAX_BYTES = 64 << 10  # a plain tensor's record is ~150 bytes
 # Whether the offline commands read local items themselves (tests turn it off to compare with DCP's reader).
@@ -261,6 +262,14 @@ class _Refused(Exception):
     pass
 
 
+class _OtherDtype(Exception):
+    """The archive holds a plain tensor of another dtype than the checkpoint's metadata names."""
+
+    def __init__(self, stored: str):
+        super().__init__(stored)
+        self.stored = stored
+
+
 class _Record:
     """What the admitted names make: fresh, sealed holders of what the pickle passed, which a pickle
     cannot make otherwise (no global resolves to these classes) nor change (``BUILD`` fails)."""
@@ -303,7 +312,7 @@ class _TensorRecordUnpickler(pickle.Unpickler):
             return _Constructor(lambda *args: _Tensor(args), "rebuild")
         if (module, name) == ("collections", "OrderedDict"):
             return _Constructor(lambda *args: _Hooks(args), "hooks")
-        if module == "torch" and name == self.storage_class:
+        if module == "torch" and name in _STORAGE_DTYPE:
             return _StorageClass((name,))
         raise _Refused(f"{module}.{name}")
 
@@ -311,6 +320,8 @@ class _TensorRecordUnpickler(pickle.Unpickler):
         if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[1]) is _StorageClass
                 and type(pid[2]) is str and type(pid[4]) is int):
             raise _Refused("persistent id")
+        if pid[1].args[0] != self.storage_class:
+            raise _OtherDtype(_STORAGE_DTYPE[pid[1].args[0]])
         return _Storage((pid[2], pid[4]))
 
 
@@ -326,7 +337,9 @@ def locate(raw: BinaryIO, start: int, length: int, *, dtype: str, itemsize: int,
 
     ``dtype``, ``itemsize`` and ``sizes`` are what the checkpoint's metadata says the chunk is.
     Returns None when the archive is not a plain little-endian tensor of exactly that dtype and
-    sizes whose view lies inside its storage, which lies inside the archive.
+    sizes whose view lies inside its storage, which lies inside the archive. A plain tensor of
+    another dtype is a :class:`CheckpointFormatError`: the metadata misdescribes the data (DCP's
+    own reader would convert it to the named dtype without a word).
     """
     storage_class = STORAGE_CLASS.get(dtype)
     if storage_class is None or length <= 0:
@@ -344,6 +357,8 @@ def locate(raw: BinaryIO, start: int, length: int, *, dtype: str, itemsize: int,
             return None
         obj = _TensorRecordUnpickler(io.BytesIO(record), storage_class).load()
         return _placed(obj, found, prefix, itemsize, sizes, length)
+    except _OtherDtype as e:
+        raise CheckpointFormatError(f"stored as {e.stored}, where the checkpoint's metadata says {dtype}") from None
     except Exception:  # any oddity (a crafted pickle, an unreadable range): not vouched for; DCP's reader decides
         return None
 
