@@ -116,7 +116,8 @@ def check_location(storage: Storage, *, what: str = "DIR") -> None:
     if kind is None:
         raise UsageError(f"{what} {storage.url!r} does not exist")
     if kind != DIR:
-        raise UsageError(f"{what} {storage.url!r} is a {'file' if kind == FILE else kind}, not a checkpoint dir")
+        named = {FILE: "a file", SYMLINK: "a symlink"}.get(kind, "neither a file nor a dir (a FIFO, socket or device)")
+        raise UsageError(f"{what} {storage.url!r} is {named}, not a checkpoint dir")
 
 
 def open_checkpoint(storage: Storage, *, what: str = "DIR", light: bool = False) -> CheckpointDir:

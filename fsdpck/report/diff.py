@@ -28,16 +28,17 @@ def verdict(result: Any = None, *, code: int | None = None, error: str | None = 
         return f"fsdpck diff: FAILED (exit {code}) — {error}"
     code = result.exit_code
     n = len(result.rows)
+    what = counts_line(Counter(r.status.lower() if r.status.isupper() else r.status for r in result.differing))
     if result.problems:
         return (f"fsdpck diff: PROBLEMS (exit {code}) — {plural(len(result.problems), 'integrity problem')}: "
-                f"{problem_counts(result.problems)}; {len(result.differing):,} of {plural(n, 'key')} differ")
+                f"{problem_counts(result.problems)}; {len(result.differing):,} of {plural(n, 'key')} differ"
+                + (f": {what}" if result.differing else ""))
     close = result.count("within tolerance")
     if not result.differing and close:
         return (f"fsdpck diff: WITHIN TOLERANCE (exit 0) — {plural(n, 'key')}: same keys, shapes and dtypes; "
                 f"{close:,} differ only within {_tolerance(result)}")
     if not result.differing:
         return f"fsdpck diff: IDENTICAL (exit 0) — {plural(n, 'key')}: same keys, shapes, dtypes and data"
-    what = counts_line(Counter(r.status.lower() if r.status.isupper() else r.status for r in result.differing))
     return f"fsdpck diff: DIFFERENT (exit {code}) — {len(result.differing):,} of {plural(n, 'key')} differ: {what}"
 
 

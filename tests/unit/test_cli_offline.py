@@ -354,6 +354,22 @@ def test_diff_identical_with_json_envelope(tmp_path):
     assert row["fingerprint_a"] == row["fingerprint_b"] and row["values"] is None
 
 
+def test_diff_with_unreadable_shards_says_why_its_keys_differ(tmp_path):
+    import os
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(cf.plain_ckpt(), b)
+    for shard in b.glob("*.distcp"):
+        shard.unlink()
+        os.mkfifo(shard)  # never opened: a FIFO is not a regular file
+    r = invoke("diff", str(cf.plain_ckpt()), str(b))
+    assert r.exit_code == 1
+    line = last_line(r.output)
+    assert line.startswith("fsdpck diff: PROBLEMS (exit 1)") and "not-a-file" in line, line
+    assert re.search(r"(\d+) of \1 keys differ: \1 unreadable$", line), line
+
+
 def test_diff_different_with_values(tmp_path):
     state = cf.plain_state()
     state["nested"]["vol"] = state["nested"]["vol"] + 0.25

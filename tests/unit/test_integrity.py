@@ -333,6 +333,9 @@ def test_missing_path_and_file_are_usage_errors(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UsageError, match="is a file, not a checkpoint dir"):
         open_dir(tmp_path / "f")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(UsageError, match=r"is neither a file nor a dir \(a FIFO, socket or device\), not a checkpoint"):
+        open_dir(tmp_path / "fifo")
 
 
 def test_metadata_and_manifest_that_are_fifos_do_not_hang(tmp_path):
