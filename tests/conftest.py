@@ -4,7 +4,8 @@
 puts this directory on ``sys.path`` when it loads this file; keep it the only conftest.py, a
 second one would shadow the name). Subprocess helpers: :func:`run`, :func:`fsdpck` (``python -m
 fsdpck``, with ``-n N``), :func:`torchrun`; in-process: :func:`invoke` (click's CliRunner, world
-size 1). :func:`check_envelope` holds every JSON document to the common head.
+size 1); :func:`fresh_python` (what a fresh interpreter imports). :func:`check_envelope` holds
+every JSON document to the common head.
 """
 
 from __future__ import annotations
@@ -100,6 +101,21 @@ def invoke(*args: str):
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
     result.took = time.monotonic() - t0
     return result
+
+
+# For a fresh interpreter (what one process imports): ``run(*args)`` there is the CLI with
+# standalone mode off, asserting a zero exit; ``TORCH_MODULES`` lists the torch modules loaded.
+CLI_IN_SCRIPT = ("import sys\nfrom fsdpck.cli import cli\n"
+                 "def run(*args):\n    try:\n        cli.main(list(args), standalone_mode=False)\n"
+                 "    except SystemExit as e:\n        assert not e.code, (args, e.code)\n")
+TORCH_MODULES = "sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))"
+
+
+def fresh_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    """The output of ``python -c code args`` in a fresh interpreter; a non-zero exit fails the test."""
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
 
 
 def load_json(path: Path) -> dict:

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, check_envelope, fsdpck, worker_env
+from conftest import CLI_IN_SCRIPT, REPO, TORCH_MODULES, check_envelope, fresh_python, fsdpck, worker_env
 
 pytestmark = pytest.mark.slow
 FIXTURES = REPO / "tests" / "data" / "torch-2.11.tar.xz"
@@ -67,27 +65,16 @@ def test_a_flipped_bit_in_a_safetensors_file_is_caught(st_saved, tmp_path):
 def test_safetensors_offline_reads_need_no_torch_and_agree_with_the_torch_way(st_saved, tmp_path):
     # Local safetensors chunks are read like DCP's own (fsdpck's buffers, the C kernels by address):
     # inspect --verify-data --stats and diff import no torch, and give what the torch way gives.
-    code = (
-        "import json, sys\n"
-        "from fsdpck.checkpoint import torchsave\n"
-        "torchsave.DIRECT_READS = sys.argv[2] == 'direct'\n"
-        "from fsdpck.cli import cli\n"
-        "def run(*args):\n"
-        "    try:\n"
-        "        cli.main(list(args), standalone_mode=False)\n"
-        "    except SystemExit as e:\n"
-        "        assert not e.code, (args, e.code)\n"
-        "run('inspect', sys.argv[1], '--verify-data', '--stats', '--json', sys.argv[3])\n"
-        "run('diff', sys.argv[1], sys.argv[1])\n"
-        "print('torch:', sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
-    )
+    code = ("import json, sys\nfrom fsdpck.checkpoint import torchsave\n"
+            "torchsave.DIRECT_READS = sys.argv[2] == 'direct'\n" + CLI_IN_SCRIPT
+            + "run('inspect', sys.argv[1], '--verify-data', '--stats', '--json', sys.argv[3])\n"
+            "run('diff', sys.argv[1], sys.argv[1])\n"
+            f"print('torch:', {TORCH_MODULES})\n")
     docs = {}
     for way in ("direct", "torch"):
         target = tmp_path / f"{way}.json"
-        p = subprocess.run([sys.executable, "-c", code, str(st_saved), way, str(target)], capture_output=True,
-                           text=True, timeout=300, env=worker_env())
-        assert p.returncode == 0, p.stderr[-2000:]
-        assert ("torch: []" in p.stdout.splitlines()) == (way == "direct"), p.stdout[-2000:]
+        out = fresh_python(code, str(st_saved), way, str(target), env=worker_env())
+        assert ("torch: []" in out.splitlines()) == (way == "direct"), out[-2000:]
         docs[way] = json.loads(target.read_text())
     direct, by_torch = docs["direct"]["keys"], docs["torch"]["keys"]
     assert len(direct) == len(by_torch) > 5 and all(k.get("stats") for k in direct), direct[0]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli_stubs import Started, nothing_can_run
+from conftest import fresh_python
 from fsdpck import __version__
 from fsdpck.cli import cli
 from fsdpck.runtime import faults, launch
@@ -98,9 +98,8 @@ def test_help_does_not_import_torch():
             "for c in ([], ['verify'], ['save'], ['load'], ['inspect'], ['show'], ['diff']):\n"
             "    assert CliRunner().invoke(cli, c + ['--help']).exit_code == 0\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "[]", p.stdout
+    out = fresh_python(code)
+    assert out.strip() == "[]", out
 
 
 # --- usage errors ----------------------------------------------------------------------------------
@@ -256,17 +255,14 @@ def test_the_elastic_error_file_is_written_whole(tmp_path, monkeypatch):
 def test_the_envelope_names_the_installed_torch_without_importing_it(tmp_path, monkeypatch):
     # Read from torch's version.py: the same answer as the installed distribution's metadata, with
     # neither torch nor importlib.metadata imported (an offline command's start-up is 0.2 s).
-    import subprocess
-    import sys
     from importlib import metadata
 
     from fsdpck.report import envelope
 
     code = ("import sys\nfrom fsdpck.report.envelope import torch_version\nprint(torch_version())\n"
             "print('torch' in sys.modules, 'importlib.metadata' in sys.modules)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == [metadata.version("torch"), "False", "False"], p.stdout
+    out = fresh_python(code)
+    assert out.split() == [metadata.version("torch"), "False", "False"], out
     # A torch whose version.py says nothing readable: the distribution's metadata answers.
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("")

@@ -17,6 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import CLI_IN_SCRIPT, TORCH_MODULES, fresh_python
 
 from fsdpck.checkpoint import stream, torchsave
 from fsdpck.checkpoint.integrity import open_checkpoint
@@ -287,27 +288,17 @@ def test_offline_commands_on_a_local_checkpoint_do_not_import_torch(grid_ckpt):
     # long again: a local checkpoint read by fsdpck itself (tensors of float32, bfloat16, int64, bool and
     # float64, and byte items) needs neither for inspect --verify-data --stats and diff; show --slice
     # copies into a tensor (torch), still without DCP.
-    import subprocess
-    import sys
-
     code = (
-        "import sys\n"
-        "from fsdpck.cli import cli\n"
-        "def run(*args):\n"
-        "    try:\n"
-        "        cli.main(list(args), standalone_mode=False)\n"
-        "    except SystemExit as e:\n"
-        "        assert not e.code, (args, e.code)\n"
-        "run('inspect', sys.argv[1], '--verify-data', '--stats')\n"
+        CLI_IN_SCRIPT
+        + "run('inspect', sys.argv[1], '--verify-data', '--stats')\n"
         "run('diff', sys.argv[1], sys.argv[1])\n"
-        "print('torch:', sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+        f"print('torch:', {TORCH_MODULES})\n"
         "run('show', sys.argv[1], 'w32', '--slice', '0:2')\n"
         "print('dcp:', sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(grid_ckpt)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
-    assert "torch: []" in lines and "dcp: []" in lines, out.stdout[-2000:]
+    out = fresh_python(code, str(grid_ckpt))
+    lines = out.splitlines()
+    assert "torch: []" in lines and "dcp: []" in lines, out[-2000:]
 
 
 # Archives crafted entry by entry: what Python's zipfile and torch's reader read differently.

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckpt_factory as cf
+from conftest import fresh_python
 from fsdpck.checkpoint import unpickler
 from fsdpck.errors import CheckpointFormatError
 
@@ -241,17 +242,13 @@ def test_light_records_parse_to_the_same_metadata(name):
 
 
 def test_light_mode_imports_nothing_of_dcp():
-    import subprocess
-    import sys
-
     code = ("import io, sys\nfrom fsdpck.checkpoint import unpickler\nfrom fsdpck.checkpoint.metadata import "
             f"parse_metadata\ndata = open({str(cf.plain_ckpt() / '.metadata')!r}, 'rb').read()\n"
             "md = parse_metadata(unpickler.load_metadata(io.BytesIO(data), size=len(data), source='s', light=True), "
             "source='s', light=True)\nassert 'nested.vol' in md.keys\n"
             "print(sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "[]", p.stdout
+    out = fresh_python(code)
+    assert out.strip() == "[]", out
 
 
 def test_records_are_sealed_and_take_no_arguments():
@@ -367,24 +364,17 @@ def test_light_mode_refuses_a_dtype_that_is_a_layout():
 def test_a_global_naming_a_lazy_torch_submodule_imports_nothing(light):
     # torch imports some submodules on first attribute access (torch._dynamo, torch.onnx, ...): a
     # .metadata naming one is refused by name without that import.
-    import subprocess
-    import sys
-
     code = ("import sys, torch\nfrom fsdpck.checkpoint import unpickler\n"
             f"assert unpickler.resolve('torch', 'onnx', {light}) is None\n"
             f"assert unpickler.resolve('torch', '_dynamo', {light}) is None\n"
             "print('torch.onnx' in sys.modules, 'torch._dynamo' in sys.modules)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "False False", p.stdout
+    out = fresh_python(code)
+    assert out.strip() == "False False", out
 
 
 def test_light_mode_refuses_an_unknown_torch_name_without_importing_torch():
     # Only a name shaped like a dtype's (a newer torch's float8_*, uint3, ...) is asked of torch; a
     # hostile .metadata naming torch.onnx, torch.save or torch.load costs no `import torch`.
-    import subprocess
-    import sys
-
     from fsdpck.checkpoint import dtypes
 
     code = ("import sys\nfrom fsdpck.checkpoint import unpickler\n"
@@ -393,9 +383,8 @@ def test_light_mode_refuses_an_unknown_torch_name_without_importing_torch():
             "assert unpickler.resolve('torch', 'float32', True).itemsize == 4\n"
             "assert unpickler.resolve('torch', 'double', True).name == 'float64'\n"
             "print('torch' in sys.modules)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "False", p.stdout
+    out = fresh_python(code)
+    assert out.strip() == "False", out
     aliases = {n: str(v).removeprefix("torch.") for n, v in vars(torch).items()
                if isinstance(v, torch.dtype) and str(v) != f"torch.{n}"}
     assert aliases == dtypes.ALIASES  # torch.float and the like are named without torch too
