@@ -186,12 +186,11 @@ def read_chunk(stream: Any, chunk: ChunkInfo, *, dtype: str) -> Any:
     """One chunk's tensor, read from an open file (its byte range was checked against the file)."""
     import torch
 
+    found = locate(chunk, dtype=dtype, itemsize=ITEMSIZE[dtype])  # the range holds exactly the shape's elements
     stream.seek(chunk.storage.offset)
-    data = stream.read(chunk.storage.length)
-    itemsize = ITEMSIZE.get(dtype) or torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    if len(data) != math.prod(chunk.sizes) * itemsize:
-        raise CheckpointFormatError(f"{chunk.storage.file}: {len(data)} bytes where {math.prod(chunk.sizes)} "
-                                    f"{dtype} elements need {math.prod(chunk.sizes) * itemsize}")
+    data = stream.read(found.nbytes)
+    if len(data) != found.nbytes:
+        raise CheckpointFormatError(f"{chunk.storage.file}: the file ended {found.nbytes - len(data)} bytes early")
     if not data:
         return torch.empty(chunk.sizes, dtype=getattr(torch, dtype))
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(chunk.sizes)
