@@ -2,8 +2,10 @@
 
 Each command lives in a module of its own (``fsdpck.cli.verify`` ...): it parses and
 validates its options, calls one function of ``fsdpck.commands``, hands the result to a
-renderer of ``fsdpck.report`` and exits with the code of DESIGN.md. A command imports its
-``fsdpck.commands`` module when it runs, so that ``fsdpck --help`` does not import torch.
+renderer of ``fsdpck.report`` and exits with the code of DESIGN.md. The group imports a
+command's module only when that command is asked for (``fsdpck inspect`` never loads verify's
+options), and a command imports its ``fsdpck.commands`` module when it runs, so that
+``fsdpck --help`` does not import torch.
 Errors leave through one boundary (:class:`FsdpckGroup`): fsdpck's own exceptions become a
 one-paragraph message and their exit code, anything else a runtime failure (exit 3);
 ``FSDPCK_DEBUG=1`` adds the traceback.
@@ -11,9 +13,9 @@ one-paragraph message and their exit code, anything else a runtime failure (exit
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-import traceback
 
 import click
 
@@ -26,18 +28,41 @@ from fsdpck.runtime import dist
 def report_error(message: str) -> None:
     """An error paragraph on stderr, with the traceback under FSDPCK_DEBUG=1."""
     if debug_enabled():
+        import traceback
+
         traceback.print_exc(file=sys.stderr)
     click.echo(f"fsdpck: error: {message}", err=True)
     sys.stderr.flush()
 
 
+# Each command's name and the module that defines it (as ``COMMANDS``), in the order of --help.
+COMMAND_MODULES = {
+    "verify": "fsdpck.cli.verify",
+    "save": "fsdpck.cli.saveload",
+    "load": "fsdpck.cli.saveload",
+    "inspect": "fsdpck.cli.inspect",
+    "show": "fsdpck.cli.show",
+    "diff": "fsdpck.cli.diff",
+}
+
+
 class FsdpckGroup(click.Group):
     """The error boundary: fsdpck's exceptions become exit codes and one paragraph, never a traceback.
 
-    It also keeps the command line exactly as given: ``-n N`` re-runs it in the workers.
+    It also keeps the command line exactly as given (``-n N`` re-runs it in the workers) and
+    loads a command's module when the command is looked up.
     """
 
     raw_args: list[str] = []
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in COMMAND_MODULES:
+            for command in importlib.import_module(COMMAND_MODULES[name]).COMMANDS:
+                self.add_command(command)
+        return self.commands.get(name)
 
     def main(self, args=None, *posargs, **kwargs):
         self.raw_args = list(sys.argv[1:] if args is None else args)
@@ -79,15 +104,13 @@ def cli() -> None:
     """
 
 
-from fsdpck.cli import diff as _diff  # noqa: E402  (the commands register themselves on ``cli``)
-from fsdpck.cli import inspect as _inspect  # noqa: E402
-from fsdpck.cli import saveload as _saveload  # noqa: E402
-from fsdpck.cli import show as _show  # noqa: E402
-from fsdpck.cli import verify as _verify  # noqa: E402
 
-for _module in (_verify, _saveload, _inspect, _show, _diff):
-    for _command in _module.COMMANDS:
-        cli.add_command(_command)
+def command(name: str) -> click.Command:
+    """The command called ``name``, its module loaded (what ``fsdpck NAME`` runs)."""
+    found = cli.get_command(click.Context(cli), name)
+    if found is None:
+        raise KeyError(name)
+    return found
 
 
 def main() -> None:

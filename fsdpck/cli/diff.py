@@ -6,7 +6,6 @@ import click
 
 from fsdpck.cli import options as opt
 from fsdpck.cli.inspect import KEY_HELP
-from fsdpck.report import diff as report
 
 
 @click.command("diff", context_settings=opt.CONTEXT_SETTINGS)
@@ -14,10 +13,10 @@ from fsdpck.report import diff as report
 @click.argument("dir_b", metavar="B")
 @click.option("--values", is_flag=True, help="For tensors whose data differ: how many elements, the first differing "
                                              "index, max |Δ| and max relative |Δ| (reads A and B of one key at a time).")
-@click.option("--atol", type=float, default=0.0, show_default=True, callback=opt._not_negative,
+@click.option("--atol", type=float, default=0.0, show_default=True, callback=opt.not_negative,
               help="Absolute tolerance for --values (implies it): an element differs when |A - B| > atol + rtol*|B| "
                    "(default: bitwise equality); a key whose every element is within it is 'within tolerance'.")
-@click.option("--rtol", type=float, default=0.0, show_default=True, callback=opt._not_negative,
+@click.option("--rtol", type=float, default=0.0, show_default=True, callback=opt.not_negative,
               help="Relative tolerance for --values (implies it), as --atol.")
 @click.option("--key", "key_glob", metavar="GLOB", help=KEY_HELP)
 @opt.json_option("fsdpck.diff/1")
@@ -45,10 +44,18 @@ def diff_command(ctx: click.Context, dir_a: str, dir_b: str, values: bool, atol:
     progress = opt.offline_progress()
     from fsdpck.commands.diff import diff_checkpoints
 
+    report_ready = opt.warm_up(_report)  # rich and the tables are imported while the disk works
     result = diff_checkpoints(dir_a, dir_b, key_glob=key_glob, values=values, atol=atol, rtol=rtol, progress=progress)
+    report = report_ready()
     opt.emit(report.document(result, code=result.exit_code), json_target, report.render(result),
              report.verdict(result))
     ctx.exit(result.exit_code)
+
+
+def _report():
+    from fsdpck.report import diff
+
+    return diff
 
 
 COMMANDS = [diff_command]

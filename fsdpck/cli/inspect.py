@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from fsdpck.cli import options as opt
-from fsdpck.report import inspect as report
 
 KEY_HELP = "Only keys matching this shell-style pattern (e.g. 'optim.state.*.exp_avg')."
 
@@ -50,11 +49,19 @@ def inspect_command(ctx: click.Context, directory: str, chunks: bool, key_glob: 
     progress = opt.offline_progress()
     from fsdpck.commands.inspect import inspect_checkpoint
 
+    report_ready = opt.warm_up(_report)  # rich and the tables are imported while the disk works
     result = inspect_checkpoint(directory, key_glob=key_glob, verify_data=verify_data, stats=stats, strict=strict,
                                 progress=progress)
+    report = report_ready()
     opt.emit(report.document(result, code=result.exit_code), json_target,
              report.render(result, chunks=chunks, verbose=verbose), report.verdict(result))
     ctx.exit(result.exit_code)
+
+
+def _report():
+    from fsdpck.report import inspect
+
+    return inspect
 
 
 COMMANDS = [inspect_command]

@@ -1,47 +1,29 @@
-"""Options several commands share, their checks, and how a command runs on ranks.
+"""What every command shares: click's settings, the --json option, an offline command's progress and output.
 
-The choices come from ``fsdpck.state.registry``, read when the command line is parsed, so an
-optimizer registered there is a choice here without another edit.
+Kept light, because an offline command (inspect, show, diff) imports it before its first read:
+rich and the report's tables are imported by :func:`warm_up` on a thread while the read runs,
+or when first needed. The options of the commands that run on ranks (verify, save, load) and
+their checks are ``fsdpck.cli.ranks``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import threading
 from typing import Any, Callable
 
 import click
 
 from fsdpck.errors import UsageError
-from fsdpck.report.console import make_console, print_verdict
-from fsdpck.report.progress import view as progress_view
 from fsdpck.runtime.files import write_json_target
-from fsdpck.runtime import launch
 from fsdpck.runtime.progress import Progress, after_from_env, every_from_env
-from fsdpck.runtime.dist import launched_by_torchrun
-from fsdpck.runtime.runner import Presentation, run_distributed
-from fsdpck.state import registry
-from fsdpck.state.model import parse_size
+
+# rich's modules import one another: two threads importing them at once could each get the
+# other's module half made. Every import of the report or rich here holds this lock.
+_RICH_IMPORTS = threading.RLock()
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class RegistryChoice(click.Choice):
-    """A choice whose values are read from a registry table each time (``extra`` appended, e.g. "all")."""
-
-    def __init__(self, table: Callable[[], Any], extra: tuple[str, ...] = ()):
-        self._table = table
-        self._extra = extra
-        super().__init__(list(self.choices))
-
-    @property
-    def choices(self):  # type: ignore[override]
-        return tuple(str(c) for c in self._table()) + self._extra
-
-    @choices.setter
-    def choices(self, value) -> None:  # click.Choice.__init__ assigns it
-        pass
 
 
 def check_json_target(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -54,35 +36,10 @@ def check_json_target(ctx: click.Context, param: click.Parameter, value: str | N
     return value
 
 
-def _not_negative(ctx, param, value):
+def not_negative(ctx, param, value):
     if value is not None and not value >= 0:  # NaN too: it compares false with everything
         raise click.BadParameter("must be zero or more", ctx=ctx, param=param)
     return value
-
-
-def _not_nan(ctx, param, value):
-    if value is not None and math.isnan(value):  # click's FloatRange lets NaN through
-        raise click.BadParameter("must be a number of seconds", ctx=ctx, param=param)
-    return value
-
-
-def _size(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-
-
-def given(name: str) -> bool:
-    """Whether the option was given on the command line (not its default)."""
-    return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-
-
-def check_width_or_size(size: int | None) -> None:
-    if size is not None and given("width"):
-        raise click.UsageError("--width and --size both choose the model's width: give one")
 
 
 def apply(f: Callable, options: list[Callable]) -> Callable:
@@ -96,110 +53,63 @@ def json_option(schema: str) -> Callable:
                         help=f"Write the {schema} JSON document there (- for stdout; the report then goes to stderr).")
 
 
-def run_options(schema: str) -> Callable:
-    """Options of every command that runs on ranks: device, timeout, JSON, verbosity, -n."""
-    return lambda f: apply(f, [
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="auto: cuda:LOCAL_RANK with NCCL where GPUs are present, else CPU with gloo."),
-        click.option("--timeout", type=click.FloatRange(1, 86_400), default=300.0, show_default=True,
-                     callback=_not_nan, help="Seconds any collective may wait before the run fails (exit 3)."),
-        json_option(schema),
-        click.option("-v", "--verbose", is_flag=True, help="Show PyTorch's warnings (hidden and counted by default)."),
-        click.option("-n", "--nproc-per-node", "nproc", type=click.IntRange(1, 1024), default=None,
-                     help="Start N workers on this host through PyTorch's elastic launcher and exit with their exact "
-                          "fsdpck code (torchrun turns every failure into 1)."),
-    ])
-
-
-def layout_options(*, default_note: str) -> Callable:
-    return lambda f: apply(f, [
-        click.option("--replicate", type=click.IntRange(1, 1024), default=None,
-                     help="HSDP: FSDP2 on a (R replicas × world/R shards) mesh" + default_note + "."),
-        click.option("--tp", type=click.IntRange(1, 1024), default=None,
-                     help="Tensor parallel degree T: net1/net3 column-wise, net2 row-wise on a T-rank mesh dim, "
-                          "FSDP2 on the other" + default_note + "."),
-    ])
-
-
-def state_options(*, matrix: bool) -> Callable:
-    """Options that shape the state that is saved."""
-    every = ("all",) if matrix else ()
-    each = "; all = each in turn." if matrix else "."
-    return lambda f: apply(f, [
-        click.option("--fsdp", type=click.Choice(["1", "2"]), default=None,
-                     help="FSDP1 (FullyShardedDataParallel, ShardedTensor state; the default) or FSDP2 (fully_shard, "
-                          "DTensor state; the default with --replicate or --tp)."),
-        click.option("--api", type=click.Choice(list(registry.APIS)), default=None,
-                     help="State-dict API: legacy (FSDP.optim_state_dict and friends, FSDP1 only) or dsd "
-                          "(get_state_dict/set_state_dict). Default: legacy for FSDP1, dsd for FSDP2."),
-        click.option("--optimizer", type=RegistryChoice(lambda: registry.OPTIMIZERS, every),
-                     default=registry.DEFAULT_OPTIMIZER, show_default=True,
-                     help="Optimizer, with fixed hyper-parameters (README)" + each),
-        click.option("--dtype", type=RegistryChoice(lambda: registry.DTYPES, every), default=registry.DEFAULT_DTYPE,
-                     show_default=True, help="dtype of parameters and optimizer state" + each),
-        click.option("--steps", type=click.IntRange(1, 10_000), default=1, show_default=True,
-                     help="Optimizer steps before the save."),
-        click.option("--save-mode", type=RegistryChoice(lambda: registry.SAVE_MODES), default=None,
-                     help="dcp.save (sync, the default) or dcp.async_save with a checkpointer and stager (README, "
-                          "\"Save modes\")."),
-        click.option("--steps-during-save", type=click.IntRange(0, 1000), default=1, show_default=True,
-                     help="Async save modes: optimizer steps taken while the write is in flight."),
-        click.option("--format", "storage_format", type=click.Choice(list(registry.FORMATS)),
-                     default=registry.DEFAULT_FORMAT, show_default=True,
-                     help="dcp (DCP's own files) or safetensors (DCP's Hugging Face storage: tensors only, so no "
-                          "param groups and no --trainer-state; needs --api dsd)."),
-        click.option("--trainer-state", is_flag=True,
-                     help="Also save and compare an LR scheduler, the step counter, RNG states and a data position."),
-        click.option("--width", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
-                     help="Multiplies the model dims (ws, 2·ws, 3·ws) to scale the checkpoint."),
-        click.option("--size", "size", metavar="SIZE", default=None, callback=_size,
-                     help="Pick --width so the checkpoint holds about SIZE of model + optimizer state (500MB, 8GB)."),
-        click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True),
-        click.option("--thread-count", type=click.IntRange(1, 256), default=1, show_default=True,
-                     help="DCP writer threads per rank."),
-        click.option("--sync-files/--no-sync-files", default=True, show_default=True, help="fsync each file DCP writes."),
-        click.option("--single-file-per-rank/--no-single-file-per-rank", default=True, show_default=True,
-                     help="One file per rank, or one per tensor."),
-    ])
-
-
-def layout_from(replicate: int | None, tp: int | None) -> registry.Layout | None:
-    if replicate is None and tp is None:
-        return None
-    return registry.Layout(replicate=replicate or 1, tp=tp or 1)
-
-
-def check_flow_options(fsdp: str | None, api: str | None, layout: registry.Layout | None, *,
-                       storage_format: str | None = None, trainer_state: bool = False) -> None:
-    """Combinations impossible at any world size: refused before anything starts."""
-    why = registry.wrapper_problem(int(fsdp), api) if fsdp and api else None
-    if why is None and layout is not None and not layout.is_plain and fsdp == "1":
-        why = layout.problem(1, 1)
-    if why is None and storage_format is not None:
-        implied = api or (registry.default_api(int(fsdp)) if fsdp else registry.default_api(1))
-        why = registry.format_problem(storage_format, api=implied if not (layout and not layout.is_plain) else "dsd",
-                                      trainer_state=trainer_state)
-    if why:
-        raise click.UsageError(why)
-
-
-def writer_from(thread_count: int, sync_files: bool, single_file_per_rank: bool) -> registry.WriterOptions:
-    return registry.WriterOptions(thread_count=thread_count, sync_files=sync_files, single_file_per_rank=single_file_per_rank)
-
-
-def launch_if_asked(nproc: int | None) -> None:
-    """-n N: run this very command line in N workers started by fsdpck, and exit with their code."""
-    if nproc is None or launch.is_worker():
-        return
-    ctx = click.get_current_context()
-    if launched_by_torchrun():
-        raise click.UsageError("-n/--nproc-per-node starts its own workers; it cannot be used under torchrun", ctx=ctx)
-    ctx.exit(launch.run_workers(nproc, list(ctx.find_root().command.raw_args)))
-
-
 def offline_progress() -> Progress:
     """Progress for an offline command's reads, on stderr; checks FSDPCK_PROGRESS_* (exit 2 when malformed)."""
-    return Progress(progress_view(make_console(stderr=True), every_s=every_from_env()), after_s=after_from_env())
+    return Progress(_StderrView(every_s=every_from_env()), after_s=after_from_env())
+
+
+class _StderrView:
+    """The progress view on stderr, made when a read first shows progress: rich is not imported before the read."""
+
+    def __init__(self, *, every_s: float):
+        self.every_s = every_s
+        self.view: Any = None
+
+    def start(self, label: str, total: int) -> None:
+        if self.view is None:
+            with _RICH_IMPORTS:
+                from fsdpck.report.console import make_console
+                from fsdpck.report.progress import view
+
+            self.view = view(make_console(stderr=True), every_s=self.every_s)
+        self.view.start(label, total)
+
+    def update(self, done: int, elapsed: float) -> None:
+        self.view.update(done, elapsed)
+
+    def finish(self, done: int, elapsed: float) -> None:
+        self.view.finish(done, elapsed)
+
+
+def warm_up(load: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``load`` (the imports of a command's report: rich, its tables) and those of :func:`emit` on a
+    thread from now on.
+
+    An offline command calls it just before its read: the imports then hold the GIL only
+    while the reading threads wait on the disk, instead of adding to the time before the
+    first read or after the last. The function returned waits for the thread and returns
+    ``load()``: by then a look-up in ``sys.modules``; an import that failed on the thread
+    fails again there, in the command, through the error boundary.
+    """
+    thread = threading.Thread(target=_quietly, args=(load,), name="fsdpck-warm-up")
+    thread.start()
+
+    def ready() -> Any:
+        thread.join()
+        with _RICH_IMPORTS:
+            return load()
+
+    return ready
+
+
+def _quietly(load: Callable[[], Any]) -> None:
+    with _RICH_IMPORTS:
+        try:
+            from fsdpck.report import console  # noqa: F401  (what emit() prints with)
+
+            load()
+        except BaseException:  # said by ready(), in the command's thread
+            pass
 
 
 def emit(document: dict[str, Any], json_target: str | None, renderable: Any, verdict: str) -> None:
@@ -209,15 +119,9 @@ def emit(document: dict[str, Any], json_target: str | None, renderable: Any, ver
             write_json_target(json_target, json.dumps(document, indent=2, default=str) + "\n")
         except OSError as e:
             raise UsageError(f"--json {json_target!r}: cannot write: {e.strerror or e}") from None
+    with _RICH_IMPORTS:
+        from fsdpck.report.console import make_console, print_verdict
+
     console = make_console(stderr=json_target == "-")
     console.print(renderable, crop=False)
     print_verdict(console, verdict)
-
-
-def run_on_ranks(command: str, body: Callable[[Any], Any], *, present: Callable[..., Presentation], device: str,
-                 timeout: float, json_target: str | None, verbose: bool) -> None:
-    """Hand a command's work to the per-rank runner and exit with this rank's code."""
-    code = run_distributed(command, body, device=device, timeout=timeout, json_target=json_target, verbose=verbose,
-                           present=present, out=make_console(stderr=json_target == "-"), err=make_console(stderr=True))
-    click.get_current_context().exit(code)
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from fsdpck.cli import options as opt
+from fsdpck.cli import ranks
 from fsdpck.report import saveload as report
 from fsdpck.runtime.runner import Presentation
 from fsdpck.state import registry
@@ -23,9 +24,9 @@ def _presenter(render, verdict, document):
 @click.command(context_settings=opt.CONTEXT_SETTINGS)
 @click.argument("directory", metavar="DIR|URL")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier fsdpck save there (its .metadata goes first).")
-@opt.state_options(matrix=False)
-@opt.layout_options(default_note=" (recorded in the manifest)")
-@opt.run_options("fsdpck.save/1")
+@ranks.state_options(matrix=False)
+@ranks.layout_options(default_note=" (recorded in the manifest)")
+@ranks.run_options("fsdpck.save/1")
 def save(directory, overwrite, fsdp, api, optimizer, dtype, steps, save_mode, steps_during_save, storage_format,
          trainer_state, width,
          size, seed, thread_count, sync_files, single_file_per_rank, replicate, tp, device, timeout, json_target,
@@ -42,20 +43,20 @@ def save(directory, overwrite, fsdp, api, optimizer, dtype, steps, save_mode, st
       fsdpck save -n 4 ./ck-4 --fsdp 2 --replicate 2      # HSDP, mesh recorded in the manifest
       fsdpck save -n 2 ./ck-st --fsdp 2 --format safetensors
     """
-    opt.check_width_or_size(size)
-    layout = opt.layout_from(replicate, tp)
-    opt.check_flow_options(fsdp, api, layout, storage_format=storage_format, trainer_state=trainer_state)
-    opt.launch_if_asked(nproc)
+    ranks.check_width_or_size(size)
+    layout = ranks.layout_from(replicate, tp)
+    ranks.check_flow_options(fsdp, api, layout, storage_format=storage_format, trainer_state=trainer_state)
+    ranks.launch_if_asked(nproc)
     from fsdpck.commands.save import SaveOptions, run_save
 
     selection = dict(fsdp=int(fsdp) if fsdp else None, api=api, save_mode=save_mode, optimizer=optimizer, dtype=dtype,
                      steps=steps, layout=layout, trainer_state=trainer_state, steps_during_save=steps_during_save,
                      format=storage_format)
     opts = SaveOptions(location=directory, selection=selection, overwrite=overwrite, width=width, size=size, seed=seed,
-                       writer=opt.writer_from(thread_count, sync_files, single_file_per_rank))
+                       writer=ranks.writer_from(thread_count, sync_files, single_file_per_rank))
 
     present = _presenter(report.render_save, report.save_verdict, report.save_document)
-    opt.run_on_ranks("save", lambda ctx: run_save(opts, ctx=ctx), present=present, device=device, timeout=timeout,
+    ranks.run_on_ranks("save", lambda ctx: run_save(opts, ctx=ctx), present=present, device=device, timeout=timeout,
                      json_target=json_target,
                      verbose=verbose)
 
@@ -68,12 +69,12 @@ def save(directory, overwrite, fsdp, api, optimizer, dtype, steps, save_mode, st
               help="Load through the legacy functions (FSDP1 only) or the state_dict API (default: the save's).")
 @click.option("--planner", type=click.Choice(["default", "none"]), default="default", show_default=True,
               help="Load planner.")
-@opt.layout_options(default_note=" to load into (default: plain FSDP, whatever the save's layout)")
+@ranks.layout_options(default_note=" to load into (default: plain FSDP, whatever the save's layout)")
 @click.option("--self-test", is_flag=True, help="Flip one bit of the loaded state on one rank: load must report "
                                                 "exactly that key and exit 1.")
 @click.option("--self-test-rank", type=click.IntRange(0, 1 << 20), default=None,
               help="The rank whose state --self-test flips (default: the last).")
-@opt.run_options("fsdpck.load/1")
+@ranks.run_options("fsdpck.load/1")
 def load(directories, fsdp, api, planner, replicate, tp, self_test, self_test_rank, device, timeout, json_target,
          verbose, nproc) -> None:
     """Load checkpoints written by `fsdpck save` at any world size and layout; check every key.
@@ -89,9 +90,9 @@ def load(directories, fsdp, api, planner, replicate, tp, self_test, self_test_ra
       fsdpck load -n 4 ./ck-4 --tp 2                      # HSDP 2x2 save -> TP 2 x FSDP2 load
       fsdpck load ./ck-st --json load.json                # safetensors, at world size 1
     """
-    layout = opt.layout_from(replicate, tp)
-    opt.check_flow_options(fsdp, api, layout)
-    opt.launch_if_asked(nproc)
+    layout = ranks.layout_from(replicate, tp)
+    ranks.check_flow_options(fsdp, api, layout)
+    ranks.launch_if_asked(nproc)
     from fsdpck.commands.load import LoadOptions, run_load
 
     opts = LoadOptions(locations=list(directories), fsdp=int(fsdp) if fsdp else (
@@ -99,7 +100,7 @@ def load(directories, fsdp, api, planner, replicate, tp, self_test, self_test_ra
         layout=layout or registry.PLAIN, self_test=self_test, self_test_rank=self_test_rank)
 
     present = _presenter(report.render_load, report.load_verdict, report.load_document)
-    opt.run_on_ranks("load", lambda ctx: run_load(opts, ctx=ctx), present=present, device=device, timeout=timeout,
+    ranks.run_on_ranks("load", lambda ctx: run_load(opts, ctx=ctx), present=present, device=device, timeout=timeout,
                      json_target=json_target,
                      verbose=verbose)
 

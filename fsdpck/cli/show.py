@@ -7,6 +7,7 @@ import click
 from fsdpck.cli import options as opt
 from fsdpck.errors import UsageError
 from fsdpck.report import show as report
+from fsdpck.report.console import make_console
 
 
 def _slice(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -50,7 +51,7 @@ def show_command(ctx: click.Context, directory: str, key: str, slice_expr: str |
 
     location.check(directory)  # before torch is imported: a typo fails in a moment
     progress = opt.offline_progress()
-    console = opt.make_console(stderr=json_target == "-")
+    console = make_console(stderr=json_target == "-")
     from fsdpck.commands.show import show_key
 
     result = show_key(directory, key, slice_expr=slice_expr, width=console.width, progress=progress)

@@ -41,7 +41,7 @@ def nothing_can_run(*, runner: bool = True):
 
     with pytest.MonkeyPatch.context() as mp:
         if runner:
-            mp.setattr("fsdpck.cli.options.run_distributed", _stop("ranks"))  # the per-rank runner
+            mp.setattr("fsdpck.cli.ranks.run_distributed", _stop("ranks"))  # the per-rank runner
         mp.setattr("fsdpck.runtime.launch.run_workers", _stop("workers"))  # -n N
         mp.setattr("fsdpck.runtime.dist.setup", _stop("process group"))
         mp.setattr(fsdpck.commands.inspect, "inspect_checkpoint", _stop("inspect"))

@@ -36,6 +36,7 @@ ALLOWED = {name: deps | {"__init__"} for name, deps in {
 # extras are imported only where they are used.
 LAZY_IMPORTS = {
     ("cli", "commands"): "a command imports its implementation when it runs: --help stays torch-free",
+    ("cli", "report"): "an offline command's report (rich, its tables) is imported while its read runs, not before",
     ("checkpoint", "checkpoint.remote"): "the fsspec extra is imported only for URLs",
     ("checkpoint", "checkpoint.dcp_io"): "DCP's reader and writer import torch: opening a location does not",
     ("fingerprint", "fingerprint.triton_kernel"): "triton is optional and imported only for CUDA tensors",

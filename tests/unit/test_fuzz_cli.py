@@ -38,7 +38,7 @@ ARGS = {"verify": [], "save": ["/nonexistent/fsdpck-fuzz"], "load": ["/nonexiste
 
 
 def options(command: str) -> list[click.Option]:
-    return [p for p in fsdpck.cli.cli.commands[command].params if isinstance(p, click.Option)]
+    return [p for p in fsdpck.cli.command(command).params if isinstance(p, click.Option)]
 
 
 def known_names(command: str) -> set[str]:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import pickle
 import struct
+import threading
 import time
 import zipfile
 import zlib
@@ -299,6 +300,56 @@ def test_offline_commands_on_a_local_checkpoint_do_not_import_torch(grid_ckpt):
     out = fresh_python(code, str(grid_ckpt))
     lines = out.splitlines()
     assert "torch: []" in lines and "dcp: []" in lines, out[-2000:]
+
+
+RANKS_MODULES = ("fsdpck.cli.verify", "fsdpck.cli.saveload", "fsdpck.cli.ranks", "fsdpck.runtime.runner",
+                 "fsdpck.state.registry")
+
+
+@pytest.mark.parametrize("command", ["inspect", "diff"])
+def test_an_offline_command_reads_first_and_imports_its_report_meanwhile(grid_ckpt, command):
+    # What runs before the first read adds to every offline command's time (docs/benchmarks.md): the
+    # modules of the commands that run on ranks are not loaded at all, and rich and the report's tables
+    # are imported on the warm-up thread, never on the command's own thread (a finder on sys.meta_path
+    # sees which thread asks for each module).
+    code = (
+        "import sys, threading\n"
+        "asked = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        asked.append((name, threading.current_thread().name))\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "import fsdpck.commands.offline as offline\n"
+        "real = offline.read_pieces\n"
+        "at_read = []\n"
+        "def spy(*a, **k):\n"
+        "    at_read.append(sorted(m for m in " + repr(RANKS_MODULES) + " if m in sys.modules))\n"
+        "    return real(*a, **k)\n"
+        "offline.read_pieces = spy\n"
+        + CLI_IN_SCRIPT
+        + "run(*sys.argv[1:])\n"
+        "print('at read:', at_read)\n"
+        "print('rich:', sorted({t for n, t in asked if n == 'rich' or n.startswith(('rich.', 'fsdpck.report'))}))\n"
+    )
+    args = ["inspect", str(grid_ckpt), "--verify-data"] if command == "inspect" else ["diff", str(grid_ckpt), str(grid_ckpt)]
+    lines = fresh_python(code, *args).splitlines()
+    reads = 2 if command == "diff" else 1
+    assert lines[-2] == f"at read: {[[]] * reads}", lines
+    assert lines[-1] == "rich: ['fsdpck-warm-up']", lines
+
+
+def test_warm_up_gives_what_load_gives_and_raises_what_it_raises():
+    from fsdpck.cli.options import warm_up
+
+    where = []
+    ready = warm_up(lambda: where.append(threading.current_thread().name) or "loaded")
+    assert ready() == "loaded" and where[0] == "fsdpck-warm-up"
+
+    def broken():
+        raise ImportError("no module named 'rich'")
+
+    with pytest.raises(ImportError, match="no module named 'rich'"):
+        warm_up(broken)()
 
 
 # Archives crafted entry by entry: what Python's zipfile and torch's reader read differently.
