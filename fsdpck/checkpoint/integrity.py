@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
-import secrets
+import random
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -255,6 +255,7 @@ def _chunk_where(chunk: ChunkInfo) -> str:
 
 _PRIME = (1 << 61) - 1  # a Mersenne prime: the field the cover identity is tested in
 _ROUNDS = 2  # independent tests; a wrong cover passes all of them with probability < 2**-70
+_RANDOM = random.SystemRandom()  # the points are drawn from the OS's entropy: a crafted cover cannot know them
 
 
 def covers_exactly(shape: tuple[int, ...], chunks: list[ChunkInfo]) -> bool:
@@ -286,7 +287,7 @@ def covers_exactly(shape: tuple[int, ...], chunks: list[ChunkInfo]) -> bool:
     for _ in range(_ROUNDS):
         powers = []
         for d in dims:
-            r = 2 + secrets.randbelow(_PRIME - 3)
+            r = _RANDOM.randrange(2, _PRIME - 1)
             table = [1] * (len(ranks[d]))
             for i in range(1, len(table)):
                 table[i] = table[i - 1] * r % _PRIME

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import stat as stat_mod
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +158,8 @@ class LocalStorage:
         target = self.root / check_name(name)
         if os.path.islink(target):
             raise UsageError(f"{target} is a symlink: fsdpck does not delete through links")
+        import shutil  # only removals need it: an offline read does not load it
+
         shutil.rmtree(target)
 
     def make_dirs(self) -> None:
