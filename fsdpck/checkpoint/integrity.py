@@ -227,14 +227,13 @@ def open_checkpoint(storage: Storage, *, what: str = "DIR", light: bool = False)
 
 def _headers(storage: Storage, files: dict[str, FileInfo], names: list[str]
              ) -> dict[str, tuple[list[safetensors.Entry], int, int]]:
-    """Each safetensors file's checked entries, one file at a time: a parsed header is let go before
-    the next is read (its JSON objects take many times its bytes)."""
+    """Each safetensors file's checked entries, one file at a time: a header's text is let go before
+    the next is read."""
     out = {}
     for name in names:
         with storage.open_read(name) as stream:
-            header, start = safetensors.read_header(stream, size=files[name].size or 0, source=name)
-        out[name] = (safetensors.file_entries(header, source=name), start, files[name].size or 0)
-        del header
+            entries, start = safetensors.read_entries(stream, size=files[name].size or 0, source=name)
+        out[name] = (entries, start, files[name].size or 0)
     return out
 
 

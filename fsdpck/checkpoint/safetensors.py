@@ -4,8 +4,9 @@ Each rank writes ``shard-NNNNN-model-00001-of-00001.safetensors``: an 8-byte lit
 header length, a JSON header (per tensor: dtype, shape, data byte range; and
 ``__metadata__.DCP_SHARDING_INFO``, the chunk's global offsets), then the raw bytes. There is
 no pickle anywhere, so nothing here can run code; the header is still a stranger's data and is
-bounded (:data:`MAX_HEADER_BYTES`, and never past the file's end), parsed strictly (no
-duplicate keys, no NaN, every number an integer of sane size) and turned into the same
+bounded (:data:`MAX_HEADER_BYTES`, and never past the file's end), walked rather than parsed
+whole, strictly (no duplicate keys, no NaN, every number an integer of sane size, nothing built
+that the format does not have: :func:`read_entries`) and turned into the same
 metadata model as DCP's own format, so that the same integrity checks apply: chunks inside
 their tensors and covering them exactly, byte ranges inside the file and of the right length.
 
@@ -15,13 +16,14 @@ it (``fsdpck.state.registry`` says what a flow with ``--format safetensors`` sav
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 from fsdpck.checkpoint.dtypes import ITEMSIZE
+from fsdpck.checkpoint.jsonscan import MAX_LIST, Scanner
 from fsdpck.checkpoint.metadata import KIND_TENSOR, MAX_INT, CheckpointMetadata, ChunkInfo, KeyInfo, StorageRef
 from fsdpck.checkpoint.torchsave import StoredTensor
 from fsdpck.errors import CheckpointFormatError
@@ -29,6 +31,7 @@ from fsdpck.errors import CheckpointFormatError
 SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own bound
 SHARDING_KEY = "DCP_SHARDING_INFO"
+_ORIGIN = [(0,) * n for n in range(MAX_LIST + 1)]  # a chunk's global offsets where the header gives none
 
 # safetensors dtype names -> torch dtype names (element sizes: fsdpck.checkpoint.dtypes.ITEMSIZE)
 DTYPES = {
@@ -40,51 +43,6 @@ DTYPES = {
 
 def _fail(source: str, message: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{source}: {message}")
-
-
-def _ints(value: Any, what: str, source: str) -> list[int]:
-    if not isinstance(value, list) or len(value) > 64 or any(
-            isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_INT for v in value):
-        raise _fail(source, f"{what} is not a list of non-negative integers")
-    return value
-
-
-def _no_duplicates(source: str):
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise _fail(source, f"the header has the key {key[:80]!r} twice")
-            out[key] = value
-        return out
-
-    return hook
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def read_header(stream: Any, *, size: int, source: str) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file of ``size`` bytes, and where its data start."""
-    raw = stream.read(8)
-    if len(raw) < 8:
-        raise _fail(source, f"{size} bytes: too short for a safetensors header")
-    (n,) = struct.unpack("<Q", raw)
-    if n > MAX_HEADER_BYTES or n > size - 8:
-        raise _fail(source, f"the header claims {n} bytes; the file has {size - 8} after the length "
-                            f"(and no header is larger than {MAX_HEADER_BYTES})")
-    text = stream.read(n)
-    try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates(source),
-                            parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        if isinstance(e, CheckpointFormatError):
-            raise
-        raise _fail(source, f"the header is not JSON ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(header, dict):
-        raise _fail(source, "the header is not a JSON object")
-    return header, 8 + n
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,47 +58,98 @@ class Entry:
     end: int
 
 
-def file_entries(header: dict[str, Any], *, source: str) -> list[Entry]:
-    """The chunks one file's parsed header describes, each checked; the header itself can then be let
-    go (a header's parsed JSON takes many times its bytes: only the entries are kept per file)."""
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise _fail(source, "__metadata__ is not an object")
-    sharding: dict[str, Any] = {}
-    if meta.get(SHARDING_KEY) is not None:
-        try:
-            sharding = json.loads(str(meta[SHARDING_KEY]), object_pairs_hook=_no_duplicates(source),
-                                  parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
-            if isinstance(e, CheckpointFormatError):
-                raise
-            raise _fail(source, f"{SHARDING_KEY} is not JSON") from None
-        if not isinstance(sharding, dict):
-            raise _fail(source, f"{SHARDING_KEY} is not an object")
-    out = []
-    for key, entry in header.items():
+def read_entries(stream: Any, *, size: int, source: str) -> tuple[list[Entry], int]:
+    """The tensor chunks the header of a safetensors file of ``size`` bytes describes, each checked,
+    and where the file's data start.
+
+    The header is walked (:class:`~fsdpck.checkpoint.jsonscan.Scanner`), never parsed whole: only
+    the entries are built, so a header costs about its bytes plus its entries, whatever it holds
+    (``json.loads`` took up to 28 times its bytes). What the format does not have is refused
+    unbuilt: a list or an object where a field of a tensor or of ``__metadata__`` (a map of
+    strings) should be, a shape or byte range that is not a short list of integers.
+    """
+    raw = stream.read(8)
+    if len(raw) < 8:
+        raise _fail(source, f"{size} bytes: too short for a safetensors header")
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        raise _fail(source, f"the header claims {n} bytes; the file has {size - 8} after the length "
+                            f"(and no header is larger than {MAX_HEADER_BYTES})")
+    try:
+        text = stream.read(n).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(source, f"the header is not JSON (UnicodeDecodeError: {str(e)[:120]})") from None
+    scan = Scanner(text, lambda message: _fail(source, message))
+    out: list[Entry] = []
+    sharding: dict[str, tuple[int, ...]] = {}
+    for key in scan.members("the header"):
         if key == "__metadata__":
+            sharding = _metadata(scan, source)
+        else:
+            out.append(_tensor(scan, key))
+    scan.end("the header")
+    del text, scan
+    for i, e in enumerate(out):  # the chunks' global offsets, once __metadata__ (anywhere in the header) is read
+        offsets = sharding.get(e.key)
+        if offsets is not None:
+            if len(offsets) != len(e.sizes):
+                raise _fail(source, f"{SHARDING_KEY} of {e.key[:80]!r} has {len(offsets)} offsets for "
+                                    f"{len(e.sizes)} dims")
+            out[i] = dataclasses.replace(e, offsets=offsets)
+    return out, 8 + n
+
+
+def _checked(scan: Scanner, values: list[int], what: str) -> list[int]:
+    if any(v > MAX_INT for v in values):
+        raise scan.fail(f"{what} holds an integer beyond {MAX_INT}")
+    return values
+
+
+def _tensor(scan: Scanner, key: str) -> Entry:
+    """One tensor's entry (other fields: scalars, ignored), at global offset 0 until the sharding info says."""
+    what = f"tensor {key[:80]!r}"
+    dtype, shape, pair = None, None, None
+    for field in scan.members(what):
+        if field == "dtype":
+            dtype = scan.string(f"{what} dtype")
+        elif field == "shape":
+            shape = _checked(scan, scan.ints(f"{what} shape"), f"{what} shape")
+        elif field == "data_offsets":
+            pair = scan.ints(f"{what} data_offsets")
+        else:
+            scan.scalar(f"{what} field {field[:40]!r}")
+    if dtype not in DTYPES:
+        raise scan.fail(f"{what}: dtype {str(dtype)[:20]!r} is not a safetensors dtype")
+    if shape is None:
+        raise scan.fail(f"{what} has no shape")
+    if pair is None or len(pair) != 2 or pair[1] < pair[0] or pair[1] > MAX_INT:
+        raise scan.fail(f"{what}: data_offsets is not a [begin, end] byte range")
+    return Entry(key, DTYPES[dtype], tuple(shape), _ORIGIN[len(shape)], pair[0], pair[1])
+
+
+def _metadata(scan: Scanner, source: str) -> dict[str, tuple[int, ...]]:
+    """``__metadata__`` (strings by name): the global offsets of each chunk from DCP's sharding info."""
+    sharding: dict[str, tuple[int, ...]] = {}
+    if scan.is_null():
+        return sharding
+    for name in scan.members("__metadata__"):
+        value = scan.string(f"__metadata__ {name[:80]!r}")
+        if name != SHARDING_KEY:
             continue
-        if not isinstance(entry, dict):
-            raise _fail(source, f"tensor {key[:80]!r} is not described by an object")
-        dtype = entry.get("dtype")
-        if dtype not in DTYPES:
-            raise _fail(source, f"tensor {key[:80]!r}: dtype {str(dtype)[:20]!r} is not a safetensors dtype")
-        shape = _ints(entry.get("shape"), f"tensor {key[:80]!r} shape", source)
-        pair = _ints(entry.get("data_offsets"), f"tensor {key[:80]!r} data_offsets", source)
-        if len(pair) != 2 or pair[1] < pair[0]:
-            raise _fail(source, f"tensor {key[:80]!r}: data_offsets is not a [begin, end] byte range")
-        info = sharding.get(key)
-        offsets = [0] * len(shape)
-        if info is not None:
-            if not isinstance(info, dict):
-                raise _fail(source, f"{SHARDING_KEY} of {key[:80]!r} is not an object")
-            offsets = _ints(info.get("saved_offsets"), f"{SHARDING_KEY} of {key[:80]!r}", source)
-            if len(offsets) != len(shape):
-                raise _fail(source, f"{SHARDING_KEY} of {key[:80]!r} has {len(offsets)} offsets for "
-                                    f"{len(shape)} dims")
-        out.append(Entry(key, DTYPES[dtype], tuple(shape), tuple(offsets), pair[0], pair[1]))
-    return out
+        info = Scanner(value, lambda message: _fail(source, f"{SHARDING_KEY}: {message}"))
+        for key in info.members(SHARDING_KEY):
+            what = f"{SHARDING_KEY} of {key[:80]!r}"
+            offsets = None
+            for field in info.members(what):
+                if field == "saved_offsets":
+                    offsets = _checked(info, info.ints(what), what)
+                else:
+                    info.scalar(f"{what} field {field[:40]!r}")
+            if offsets is None:
+                raise info.fail(f"{what} has no saved_offsets")
+            sharding[key] = tuple(offsets)
+        info.end(SHARDING_KEY)
+    return sharding
 
 
 def parse_files(files: dict[str, tuple[list[Entry], int, int]]) -> CheckpointMetadata:

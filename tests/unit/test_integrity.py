@@ -591,30 +591,3 @@ def test_malformed_manifest_is_a_problem(plain_copy, text, words):
     p = only(ckpt.problems, P_MANIFEST)[0]
     assert words in p.message and p.file == MANIFEST_NAME
     assert ckpt.manifest is None and ckpt.manifest_error == p.message
-
-
-def test_safetensors_headers_are_let_go_file_by_file(tmp_path):
-    # A parsed header takes many times its bytes (a header of empty objects: about 28x); only each
-    # file's checked entries are kept, so a dir of many such files peaks at one of them, not their sum.
-    import struct
-    import tracemalloc
-
-    body = b'{"__metadata__": {"junk": [' + b"{}," * 100_000 + b"{}]}}"  # valid, and describes no tensor
-
-    def peak(n: int) -> int:
-        d = tmp_path / f"n{n}"
-        d.mkdir()
-        for i in range(1, n + 1):
-            (d / f"shard-0000{i}-model-00001-of-00001.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
-        files = {p.name: integrity.FileInfo(p.name, p.stat().st_size, "shard", "ok") for p in d.iterdir()}
-        tracemalloc.start()
-        try:
-            got = integrity._headers(LocalStorage(d), files, sorted(files))
-            assert len(got) == n and all(entries == [] for entries, _, _ in got.values())
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-
-    one, four = peak(1), peak(4)
-    assert one > 20 * len(body)  # what one header costs parsed
-    assert four < 1.5 * one, (one, four)
