@@ -104,7 +104,6 @@ def cli() -> None:
     """
 
 
-
 def command(name: str) -> click.Command:
     """The command called ``name``, its module loaded (what ``fsdpck NAME`` runs)."""
     found = cli.get_command(click.Context(cli), name)
@@ -115,6 +114,7 @@ def command(name: str) -> click.Command:
 
 def main() -> None:
     """Console-script entry point (also ``python -m fsdpck`` and ``python fsdpck``)."""
+    _streams_to_devnull_where_closed()
     try:
         code = cli.main(prog_name="fsdpck", standalone_mode=False)
     except click.exceptions.Abort:
@@ -131,8 +131,30 @@ def main() -> None:
 def finish(code: int) -> None:
     """End the process with ``code``; after a multi-rank run through ``os._exit`` once output is flushed
     (``fsdpck.runtime.dist.needs_hard_exit`` says why)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # its reader has gone (``| head``): the code still stands
+            _to_devnull(stream)
     if dist.needs_hard_exit():
         os._exit(code)
     sys.exit(code)
+
+
+def _streams_to_devnull_where_closed() -> None:
+    """Started with stdout or stderr closed (``>&-``): Python leaves it ``None``; what would go there
+    goes nowhere instead, and the exit code is the command's."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+
+
+def _to_devnull(stream) -> None:
+    """Point a stream whose reader has gone at /dev/null, so that the interpreter's last flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

@@ -26,11 +26,25 @@ def log_width() -> int:
     return width if 20 <= width <= 10_000 else LOG_WIDTH
 
 
+class _Console(Console):
+    """rich's Console, but a reader that stops reading (``fsdpck diff A B | head``) does not change the
+    exit code: what is left of the report goes nowhere, and the command ends with its own code (rich
+    would exit 1, which means "difference found")."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.file.fileno())
+        finally:
+            os.close(devnull)
+
+
 def make_console(file: TextIO | None = None, *, stderr: bool = False) -> Console:
     """A rich Console that behaves in a cluster log: no colour and a sane width when not a terminal."""
     stream = file if file is not None else (sys.stderr if stderr else sys.stdout)
     is_tty = hasattr(stream, "isatty") and stream.isatty()
-    console = Console(
+    console = _Console(
         file=stream,
         width=None if is_tty else log_width(),
         color_system="auto" if is_tty else None,

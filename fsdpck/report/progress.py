@@ -39,6 +39,7 @@ class BarView:
             TransferSpeedColumn,
         )
 
+        self.bar = self.task = None  # a bar of an earlier read (diff reads two) is not this one's
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=False),
                             TransferSpeedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
         self.task = self.bar.add_task(label, total=total or None)
@@ -48,8 +49,13 @@ class BarView:
         self.bar.update(self.task, completed=done)
 
     def finish(self, done: int, elapsed: float) -> None:
-        self.bar.update(self.task, completed=done)
-        self.bar.stop()
+        if self.bar is None:  # start() was interrupted before the bar existed
+            return
+        try:
+            if self.task is not None:
+                self.bar.update(self.task, completed=done)
+        finally:
+            self.bar.stop()  # the cursor back, however far start() got
 
 
 class LogView:
@@ -66,7 +72,7 @@ class LogView:
         self.console.print(f"fsdpck: {self.label}: {text}", markup=False, highlight=False, soft_wrap=True)
 
     def start(self, label: str, total: int) -> None:
-        self.label, self.total = label, total
+        self.label, self.total, self.last = label, total, None  # each read (diff reads two) has its own lines
 
     def update(self, done: int, elapsed: float) -> None:
         if self.last is not None and elapsed - self.last < self.every_s:

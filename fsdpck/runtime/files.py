@@ -46,7 +46,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_json_target(target: str, text: str) -> None:
-    """A ``--json`` document: to stdout for ``-``, else atomically to the file (its dir created)."""
+    """A ``--json`` document: to stdout for ``-``; written through a device or a pipe that is there
+    (``/dev/stdout``, ``>(jq .)``, a FIFO), as a shell redirection would, never replacing it; else
+    atomically to the file (its dir created)."""
+    import stat
     import sys
 
     if target == "-":
@@ -54,5 +57,13 @@ def write_json_target(target: str, text: str) -> None:
         sys.stdout.flush()
         return
     path = Path(target)
+    try:
+        mode = os.stat(path).st_mode  # through links: /dev/stdout and /dev/fd/N are links to what they name
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        with open(path, "w") as f:
+            f.write(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, text.encode(), fsync=False)

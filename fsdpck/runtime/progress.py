@@ -74,10 +74,10 @@ class Progress:
             yield lambda n: None
             return
         task = _Task(self.view, label, total, after_s=self.after_s)
-        if self.after_s <= 0:  # at once, before the first byte
-            task.show(0, 0.0)
-        task.thread.start()
-        try:
+        try:  # entered before the view is first shown: whatever start() got to, end() finishes it
+            if self.after_s <= 0:  # at once, before the first byte
+                task.show(0, 0.0)
+            task.thread.start()
             yield task.advance
         finally:
             task.end()
@@ -95,6 +95,7 @@ class _Task:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.shown = False
+        self.failed = False
         self.t0 = time.perf_counter()
         self.thread = threading.Thread(target=self._tick, name="fsdpck-progress", daemon=True)
 
@@ -103,22 +104,28 @@ class _Task:
             self.done += int(n)
 
     def _tick(self) -> None:
-        while not self.stop.wait(TICK_S if self.shown else min(TICK_S, max(0.01, self.after_s))):
-            elapsed = time.perf_counter() - self.t0
-            if elapsed < self.after_s:
-                continue
-            with self.lock:
-                done = self.done
-            self.show(done, elapsed)
+        try:
+            while not self.stop.wait(TICK_S if self.shown else min(TICK_S, max(0.01, self.after_s))):
+                elapsed = time.perf_counter() - self.t0
+                if elapsed < self.after_s:
+                    continue
+                with self.lock:
+                    done = self.done
+                self.show(done, elapsed)
+        except Exception:  # a view that fails here (a closed stderr, a broken terminal) shows nothing more;
+            self.failed = True  # progress is a courtesy: the read goes on and its result stands
 
     def show(self, done: int, elapsed: float) -> None:
+        if self.failed:
+            return
         if not self.shown:
+            self.shown = True  # from here on end() finishes the view, whatever start() got to
             self.view.start(self.label, self.total)
-            self.shown = True
         self.view.update(done, elapsed)
 
     def end(self) -> None:
         self.stop.set()
-        self.thread.join()
-        if self.shown:
+        if self.thread.ident is not None:  # started
+            self.thread.join()
+        if self.shown and not self.failed:
             self.view.finish(self.done, time.perf_counter() - self.t0)
