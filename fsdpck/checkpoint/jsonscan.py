@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import re
 from json.decoder import scanstring
-from typing import Callable, Iterator
+from typing import Callable, Container, Iterator
 
 _WS = re.compile(r"[ \t\n\r]*")  # one greedy class, nothing after it in the pattern: no backtracking
+_SPACE = frozenset(" \t\n\r")
 _INT = re.compile(r"0|[1-9][0-9]{0,18}")  # a JSON integer without a sign, at most 19 digits
 _NUMBER_GOES_ON = frozenset("0123456789.eE-+")  # after an integer's digits: a longer or a non-integer number
 MAX_LIST = 64  # a list of integers (a shape, offsets, a byte range) has at most this many items
+_SHORT_LIST = MAX_LIST * 24  # characters a list of MAX_LIST such integers, compactly written, fits in
+_BEYOND = 10**19  # integers of 20 digits or more are refused as text is (_INT)
 
 
 def _reject_constant(name: str) -> float:
@@ -38,8 +41,11 @@ class Scanner:
         self.fail = fail
 
     def _peek(self) -> str:
-        self.at = _WS.match(self.text, self.at).end()
-        return self.text[self.at:self.at + 1]
+        c = self.text[self.at:self.at + 1]
+        if c in _SPACE:  # most JSON has none between tokens: the pattern runs only where there is some
+            self.at = _WS.match(self.text, self.at).end()
+            c = self.text[self.at:self.at + 1]
+        return c
 
     def _where(self) -> str:
         return f"at character {self.at}"
@@ -51,8 +57,10 @@ class Scanner:
             return True
         return False
 
-    def members(self, what: str) -> Iterator[str]:
-        """The keys of the object that comes next; after each, the caller reads its value."""
+    def members(self, what: str, *, track: Container[str] | None = None) -> Iterator[str]:
+        """The keys of the object that comes next; after each, the caller reads its value. A key seen
+        twice is refused; ``track`` limits that to the keys the caller keeps (the others' values are
+        dropped unbuilt, and remembering their names would cost more than they do)."""
         if self._peek() != "{":
             raise self.fail(f"{what} is not a JSON object")
         self.at += 1
@@ -62,9 +70,10 @@ class Scanner:
             return
         while True:
             key = self.string(f"a key of {what}")
-            if key in seen:
-                raise self.fail(f"{what} has the key {key[:80]!r} twice")
-            seen.add(key)
+            if track is None or key in track:
+                if key in seen:
+                    raise self.fail(f"{what} has the key {key[:80]!r} twice")
+                seen.add(key)
             if self._peek() != ":":
                 raise self.fail(f"{what} is not JSON (no ':' after the key {key[:80]!r}, {self._where()})")
             self.at += 1
@@ -86,11 +95,25 @@ class Scanner:
         return value
 
     def ints(self, what: str) -> list[int]:
-        """A list of at most :data:`MAX_LIST` non-negative integers, each checked as text before it is built."""
+        """A list of at most :data:`MAX_LIST` non-negative integers, checked before anything is built."""
         refusal = f"{what} is not a list of at most {MAX_LIST} non-negative integers"
         if self._peek() != "[":
             raise self.fail(refusal)
-        self.at += 1
+        close = self.text.find("]", self.at, self.at + _SHORT_LIST)
+        if close != -1:  # the usual short list: parsed by json itself, its few values checked after
+            part = self.text[self.at:close + 1]
+            try:
+                values, end = _SCALARS.raw_decode(part)
+            except ValueError:
+                raise self.fail(refusal) from None
+            if end != len(part):
+                raise self.fail(refusal)
+            if "-" in part or len(values) > MAX_LIST or not all(
+                    type(v) is int and v < _BEYOND for v in values):  # floats, booleans, -0 and nesting refused
+                raise self.fail(refusal)
+            self.at = close + 1
+            return values
+        self.at += 1  # a long one (whitespace, or junk): walked a value at a time, never built whole
         out: list[int] = []
         if self._peek() == "]":
             self.at += 1

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Container, Iterator
 
 from fsdpck.checkpoint.dtypes import ITEMSIZE
 from fsdpck.checkpoint.jsonscan import MAX_LIST, Scanner
@@ -31,6 +31,7 @@ from fsdpck.errors import CheckpointFormatError
 SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own bound
 SHARDING_KEY = "DCP_SHARDING_INFO"
+_FIELDS = ("dtype", "shape", "data_offsets")  # a tensor's entry: any other field is a scalar, read past
 _ORIGIN = [(0,) * n for n in range(MAX_LIST + 1)]  # a chunk's global offsets where the header gives none
 
 # safetensors dtype names -> torch dtype names (element sizes: fsdpck.checkpoint.dtypes.ITEMSIZE)
@@ -81,21 +82,21 @@ def read_entries(stream: Any, *, size: int, source: str) -> tuple[list[Entry], i
         raise _fail(source, f"the header is not JSON (UnicodeDecodeError: {str(e)[:120]})") from None
     scan = Scanner(text, lambda message: _fail(source, message))
     out: list[Entry] = []
-    sharding: dict[str, tuple[int, ...]] = {}
+    sharding_text = None
     for key in scan.members("the header"):
         if key == "__metadata__":
-            sharding = _metadata(scan, source)
+            sharding_text = _sharding_text(scan)
         else:
             out.append(_tensor(scan, key))
     scan.end("the header")
     del text, scan
-    for i, e in enumerate(out):  # the chunks' global offsets, once __metadata__ (anywhere in the header) is read
-        offsets = sharding.get(e.key)
-        if offsets is not None:
+    if sharding_text is not None:  # read once the tensors are known: entries for no tensor are dropped unbuilt
+        at = {e.key: i for i, e in enumerate(out)}
+        for key, offsets in _sharding(sharding_text, at, source):
+            e = out[at[key]]
             if len(offsets) != len(e.sizes):
-                raise _fail(source, f"{SHARDING_KEY} of {e.key[:80]!r} has {len(offsets)} offsets for "
-                                    f"{len(e.sizes)} dims")
-            out[i] = dataclasses.replace(e, offsets=offsets)
+                raise _fail(source, f"{SHARDING_KEY} of {key[:80]!r} has {len(offsets)} offsets for {len(e.sizes)} dims")
+            out[at[key]] = dataclasses.replace(e, offsets=tuple(offsets))
     return out, 8 + n
 
 
@@ -109,7 +110,7 @@ def _tensor(scan: Scanner, key: str) -> Entry:
     """One tensor's entry (other fields: scalars, ignored), at global offset 0 until the sharding info says."""
     what = f"tensor {key[:80]!r}"
     dtype, shape, pair = None, None, None
-    for field in scan.members(what):
+    for field in scan.members(what, track=_FIELDS):
         if field == "dtype":
             dtype = scan.string(f"{what} dtype")
         elif field == "shape":
@@ -127,29 +128,34 @@ def _tensor(scan: Scanner, key: str) -> Entry:
     return Entry(key, DTYPES[dtype], tuple(shape), _ORIGIN[len(shape)], pair[0], pair[1])
 
 
-def _metadata(scan: Scanner, source: str) -> dict[str, tuple[int, ...]]:
-    """``__metadata__`` (strings by name): the global offsets of each chunk from DCP's sharding info."""
-    sharding: dict[str, tuple[int, ...]] = {}
+def _sharding_text(scan: Scanner) -> str | None:
+    """``__metadata__`` (a map of strings, or null): the text of DCP's sharding info, if there is one."""
+    found = None
     if scan.is_null():
-        return sharding
-    for name in scan.members("__metadata__"):
+        return found
+    for name in scan.members("__metadata__", track=(SHARDING_KEY,)):
         value = scan.string(f"__metadata__ {name[:80]!r}")
-        if name != SHARDING_KEY:
-            continue
-        info = Scanner(value, lambda message: _fail(source, f"{SHARDING_KEY}: {message}"))
-        for key in info.members(SHARDING_KEY):
-            what = f"{SHARDING_KEY} of {key[:80]!r}"
-            offsets = None
-            for field in info.members(what):
-                if field == "saved_offsets":
-                    offsets = _checked(info, info.ints(what), what)
-                else:
-                    info.scalar(f"{what} field {field[:40]!r}")
-            if offsets is None:
-                raise info.fail(f"{what} has no saved_offsets")
-            sharding[key] = tuple(offsets)
-        info.end(SHARDING_KEY)
-    return sharding
+        if name == SHARDING_KEY:
+            found = value
+    return found
+
+
+def _sharding(text: str, tensors: Container[str], source: str) -> Iterator[tuple[str, list[int]]]:
+    """(tensor, its chunk's global offsets) from DCP's sharding info, for the tensors the file has."""
+    info = Scanner(text, lambda message: _fail(source, f"{SHARDING_KEY}: {message}"))
+    for key in info.members(SHARDING_KEY, track=tensors):
+        what = f"{SHARDING_KEY} of {key[:80]!r}"
+        offsets = None
+        for field in info.members(what, track=("saved_offsets",)):
+            if field == "saved_offsets":
+                offsets = _checked(info, info.ints(what), what)
+            else:
+                info.scalar(f"{what} field {field[:40]!r}")
+        if offsets is None:
+            raise info.fail(f"{what} has no saved_offsets")
+        if key in tensors:
+            yield key, offsets
+    info.end(SHARDING_KEY)
 
 
 def parse_files(files: dict[str, tuple[list[Entry], int, int]]) -> CheckpointMetadata:
