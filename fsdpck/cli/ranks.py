@@ -136,15 +136,19 @@ def layout_from(replicate: int | None, tp: int | None) -> registry.Layout | None
 
 
 def check_flow_options(fsdp: str | None, api: str | None, layout: registry.Layout | None, *,
-                       storage_format: str | None = None, trainer_state: bool = False) -> None:
-    """Combinations impossible at any world size: refused before anything starts."""
+                       storage_format: str | None = None, trainer_state: bool = False,
+                       optimizer: str | None = None) -> None:
+    """Combinations impossible at any world size: refused before anything starts (``optimizer``: one
+    by name; ``all`` leaves it to the matrix, which skips the impossible ones)."""
     why = registry.wrapper_problem(int(fsdp), api) if fsdp and api else None
     if why is None and layout is not None and not layout.is_plain and fsdp == "1":
         why = layout.problem(1, 1)
     if why is None and storage_format is not None:
-        implied = api or (registry.default_api(int(fsdp)) if fsdp else registry.default_api(1))
-        why = registry.format_problem(storage_format, api=implied if not (layout and not layout.is_plain) else "dsd",
-                                      trainer_state=trainer_state)
+        plain = not (layout and not layout.is_plain)
+        wrapper = int(fsdp) if fsdp else (1 if plain else 2)
+        implied = api or registry.default_api(wrapper)
+        why = registry.format_problem(storage_format, api=implied if plain else "dsd", trainer_state=trainer_state,
+                                      fsdp=wrapper, optimizer=None if optimizer == "all" else optimizer)
     if why:
         raise click.UsageError(why)
 

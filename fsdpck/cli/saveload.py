@@ -45,7 +45,8 @@ def save(directory, overwrite, fsdp, api, optimizer, dtype, steps, save_mode, st
     """
     ranks.check_width_or_size(size)
     layout = ranks.layout_from(replicate, tp)
-    ranks.check_flow_options(fsdp, api, layout, storage_format=storage_format, trainer_state=trainer_state)
+    ranks.check_flow_options(fsdp, api, layout, storage_format=storage_format, trainer_state=trainer_state,
+                             optimizer=optimizer)
     ranks.launch_if_asked(nproc)
     from fsdpck.commands.save import SaveOptions, run_save
 

@@ -61,7 +61,8 @@ def verify(checkpoint_dir, keep, overwrite, planner, fsdp, api, optimizer, dtype
     if self_test and not (math.isfinite(atol) and math.isfinite(rtol)):
         raise click.UsageError("--self-test with an infinite --atol/--rtol could not fail: nothing would be proven")
     layout = ranks.layout_from(replicate, tp)
-    ranks.check_flow_options(fsdp, api, layout, storage_format=storage_format, trainer_state=trainer_state)
+    ranks.check_flow_options(fsdp, api, layout, storage_format=storage_format, trainer_state=trainer_state,
+                             optimizer=optimizer)
     ranks.launch_if_asked(nproc)
     from fsdpck.commands.verify import VerifyOptions, run_verify
 

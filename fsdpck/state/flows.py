@@ -58,8 +58,8 @@ def select(*, matrix: bool, world_size: int, cuda: bool, fsdp: int | None = None
     for f in fsdps:
         for a in apis:
             for lay in layouts:
-                probe = Flow(fsdp=f, api=a, layout=lay, format=format, trainer_state=trainer_state)
-                why = probe.problem(world_size)
+                why = (registry.wrapper_problem(f, a) or lay.problem(world_size, f)  # the optimizer's part: below
+                       or registry.format_problem(format, api=a, trainer_state=trainer_state))
                 if why:
                     if explicit or (layout is not None and not layout.is_plain and f == fsdp):
                         raise UsageError(why)
@@ -72,6 +72,12 @@ def select(*, matrix: bool, world_size: int, cuda: bool, fsdp: int | None = None
                         continue
                     for p in planners:
                         for o in optimizers:
+                            why = registry.format_problem(format, api=a, trainer_state=trainer_state, fsdp=f,
+                                                          optimizer=o)
+                            if why:
+                                if optimizer != "all" and explicit:
+                                    raise UsageError(why)
+                                continue
                             for d in dtypes:
                                 chosen.append(Flow(fsdp=f, api=a, planner=p, optimizer=o, dtype=d, steps=steps,
                                                    save_mode=m, layout=lay, trainer_state=trainer_state,

@@ -238,11 +238,13 @@ class Flow:
     def problem(self, world_size: int) -> str | None:
         """Why this flow cannot run at ``world_size``, or None."""
         return (wrapper_problem(self.fsdp, self.api) or self.layout.problem(world_size, self.fsdp)
-                or format_problem(self.format, api=self.api, trainer_state=self.trainer_state))
+                or format_problem(self.format, api=self.api, trainer_state=self.trainer_state, fsdp=self.fsdp,
+                                  optimizer=self.optimizer))
 
 
-def format_problem(fmt: str, *, api: str, trainer_state: bool) -> str | None:
-    """Why a storage format cannot hold a flow's state, or None."""
+def format_problem(fmt: str, *, api: str, trainer_state: bool, fsdp: int | None = None,
+                   optimizer: str | None = None) -> str | None:
+    """Why a storage format cannot hold a flow's state, or None (``fsdp``, ``optimizer``: when known)."""
     if fmt != "safetensors":
         return None
     if api == "legacy":
@@ -251,4 +253,9 @@ def format_problem(fmt: str, *, api: str, trainer_state: bool) -> str | None:
     if trainer_state:
         return ("--format safetensors holds tensors only: the trainer state's scheduler and data position are not "
                 "tensors; drop --trainer-state")
+    if fsdp == 1 and optimizer in OPTIMIZERS and "step" in OPTIMIZERS[optimizer].state:
+        return (f"--format safetensors with FSDP1 and --optimizer {optimizer} is impossible: FSDP1's optimizer state "
+                f"dict gives every parameter of a flat parameter one shared 'step' tensor, and the safetensors writer "
+                f"refuses tensors that share memory (DCP fails the save); use --fsdp 2, or an optimizer without a "
+                f"step ({', '.join(n for n, o in OPTIMIZERS.items() if 'step' not in o.state)})")
     return None

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import CLI_IN_SCRIPT, REPO, TORCH_MODULES, check_envelope, fresh_python, fsdpck, worker_env
+from conftest import CLI_IN_SCRIPT, REPO, TORCH_MODULES, check_envelope, fresh_python, fsdpck, run, worker_env
 
 pytestmark = pytest.mark.slow
 FIXTURES = REPO / "tests" / "data" / "torch-2.11.tar.xz"
@@ -105,6 +106,20 @@ def test_safetensors_verify_and_what_the_format_cannot_hold():
                          (["--fsdp", "2", "--format", "safetensors", "--trainer-state"], "tensors only")):
         bad = fsdpck("verify", *args)
         assert bad.code == 2 and needle in bad.text and "Traceback" not in bad.text, bad.tail()
+
+
+def test_safetensors_with_fsdp1_and_a_step_is_refused_because_dcp_cannot_save_it():
+    # The refusal states a fact about PyTorch: with fsdpck's rule lifted, DCP itself fails the save
+    # ("Some tensors share memory"). When a PyTorch no longer does, this fails and the rule can go.
+    pytest.importorskip("safetensors")
+    refused = fsdpck("verify", "--format", "safetensors", "--api", "dsd")
+    assert refused.code == 2 and "shared 'step' tensor" in refused.text, refused.tail()
+    code = ("import sys\nfrom fsdpck.state import registry\nreal = registry.format_problem\n"
+            "registry.format_problem = lambda fmt, **kw: real(fmt, **{**kw, 'optimizer': None})\n"
+            "from fsdpck.cli import main\nsys.argv = ['fsdpck', 'verify', '--format', 'safetensors', '--api', 'dsd',"
+            " '--planner', 'default']\nmain()\n")
+    lifted = run([sys.executable, "-c", code])
+    assert lifted.code == 3 and "share memory" in lifted.text, lifted.tail()
 
 
 # --- checkpoints from torch 2.11 -----------------------------------------------------------------

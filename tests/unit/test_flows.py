@@ -48,6 +48,20 @@ def test_impossible_combinations_are_usage_errors_naming_the_options():
         sel(world_size=4, layout=Layout(tp=3))
 
 
+def test_safetensors_with_fsdp1_needs_an_optimizer_without_a_step():
+    # FSDP1's optimizer state dict shares one 'step' tensor among a flat parameter's parameters, which
+    # the safetensors writer refuses (tests/integration/test_formats.py holds PyTorch to it).
+    with pytest.raises(UsageError, match="shared 'step' tensor"):
+        sel(format="safetensors", api="dsd")
+    with pytest.raises(UsageError, match="shared 'step' tensor"):
+        sel(matrix=True, fsdp=1, api="dsd", optimizer="rmsprop", format="safetensors")
+    flows = sel(matrix=True, api="dsd", optimizer="all", format="safetensors")  # the matrix skips them
+    assert {(f.fsdp, f.optimizer) for f in flows} == {(1, "sgd")} | {(2, o) for o in registry.OPTIMIZERS}
+    assert {f.optimizer for f in sel(fsdp=1, api="dsd", optimizer="sgd", format="safetensors")} == {"sgd"}
+    assert Flow(fsdp=1, api="dsd", format="safetensors").problem(2) is not None
+    assert Flow(fsdp=2, api="dsd", format="safetensors").problem(2) is None
+
+
 def test_save_modes_that_cannot_run_here_are_refused_when_asked_for():
     with pytest.raises(UsageError, match="ShardedTensor"):
         sel(save_mode="async-shm")  # FSDP1 by default
