@@ -76,8 +76,11 @@ def test_json_goes_through_a_pipe_and_leaves_it_a_pipe(tmp_path):
 def test_json_goes_through_a_device_and_leaves_it_a_device(tmp_path):
     # As root, an atomic write (a temporary file renamed over the name) would replace /dev/null itself.
     null, full = tmp_path / "null", tmp_path / "full"
-    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    try:
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    except PermissionError:  # a container without CAP_MKNOD
+        pytest.skip("cannot make device nodes here")
     ck = cf.plain_ckpt()
     r = fsdpck("inspect", str(ck), "--json", str(null))
     assert r.code == 0 and stat.S_ISCHR(null.lstat().st_mode), r.tail()
