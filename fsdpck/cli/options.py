@@ -78,7 +78,8 @@ class _StderrView:
         self.view.update(done, elapsed)
 
     def finish(self, done: int, elapsed: float) -> None:
-        self.view.finish(done, elapsed)
+        if self.view is not None:  # None: start() failed before the view was made (its error goes on)
+            self.view.finish(done, elapsed)
 
 
 def warm_up(load: Callable[[], Any]) -> Callable[[], Any]:

@@ -127,5 +127,9 @@ class _Task:
         self.stop.set()
         if self.thread.ident is not None:  # started
             self.thread.join()
-        if self.shown and not self.failed:
-            self.view.finish(self.done, time.perf_counter() - self.t0)
+        if self.shown:
+            try:
+                self.view.finish(self.done, time.perf_counter() - self.t0)
+            except Exception:
+                if not self.failed:  # a view that already failed is only given its chance to clean up
+                    raise

@@ -18,6 +18,7 @@ from rich.console import Console
 
 import ckpt_factory as cf
 from conftest import REPO, fsdpck, worker_env
+from fsdpck.cli.options import _StderrView
 from fsdpck.report.progress import BarView, LogView
 from fsdpck.runtime.progress import Progress
 
@@ -134,6 +135,8 @@ def test_a_view_interrupted_as_it_starts_is_still_finished():
     assert view.calls == ["start", "finish"]  # finish puts the terminal's cursor back
     bar = BarView(Console(file=io.StringIO()))
     bar.finish(0, 0.0)  # interrupted before the bar existed: nothing to stop, no error
+    stderr_view = _StderrView(every_s=1)
+    stderr_view.finish(0, 0.0)  # nor before the view was made (rich failed to import): the error goes on
 
 
 def test_a_view_that_fails_on_the_ticker_thread_stops_showing_and_the_read_goes_on(monkeypatch):
@@ -144,4 +147,4 @@ def test_a_view_that_fails_on_the_ticker_thread_stops_showing_and_the_read_goes_
         for _ in range(50):
             advance(1)
             threading.Event().wait(0.01)
-    assert seen == [] and view.calls == ["start", "update"], (seen, view.calls)
+    assert seen == [] and view.calls == ["start", "update", "finish"], (seen, view.calls)  # finish: the clean-up
