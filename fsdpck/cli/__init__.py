@@ -135,7 +135,9 @@ def finish(code: int) -> None:
         try:
             stream.flush()
         except (BrokenPipeError, ValueError):  # its reader has gone (``| head``): the code still stands
-            _to_devnull(stream)
+            from fsdpck.report.console import silence
+
+            silence(stream)
     if dist.needs_hard_exit():
         os._exit(code)
     sys.exit(code)
@@ -148,13 +150,3 @@ def _streams_to_devnull_where_closed() -> None:
         sys.stdout = open(os.devnull, "w")
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")
-
-
-def _to_devnull(stream) -> None:
-    """Point a stream whose reader has gone at /dev/null, so that the interpreter's last flush is quiet."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass

@@ -144,9 +144,9 @@ def check_flow_options(fsdp: str | None, api: str | None, layout: registry.Layou
     if why is None and layout is not None and not layout.is_plain and fsdp == "1":
         why = layout.problem(1, 1)
     if why is None and storage_format is not None:
-        plain = not (layout and not layout.is_plain)
-        wrapper = int(fsdp) if fsdp else (1 if plain else 2)
+        wrapper = int(fsdp) if fsdp else registry.default_fsdp(layout)
         implied = api or registry.default_api(wrapper)
+        plain = layout is None or layout.is_plain
         why = registry.format_problem(storage_format, api=implied if plain else "dsd", trainer_state=trainer_state,
                                       fsdp=wrapper, optimizer=None if optimizer == "all" else optimizer)
     if why:

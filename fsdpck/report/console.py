@@ -26,6 +26,18 @@ def log_width() -> int:
     return width if 20 <= width <= 10_000 else LOG_WIDTH
 
 
+def silence(stream: TextIO) -> None:
+    """Point a stream whose reader has gone (``| head``) at /dev/null: what is left goes nowhere, quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 class _Console(Console):
     """rich's Console, but a reader that stops reading (``fsdpck diff A B | head``) does not change the
     exit code: what is left of the report goes nowhere, and the command ends with its own code (rich
@@ -33,11 +45,7 @@ class _Console(Console):
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, self.file.fileno())
-        finally:
-            os.close(devnull)
+        silence(self.file)
 
 
 def make_console(file: TextIO | None = None, *, stderr: bool = False) -> Console:

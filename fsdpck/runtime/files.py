@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -49,7 +50,6 @@ def write_json_target(target: str, text: str) -> None:
     """A ``--json`` document: to stdout for ``-``; written through a device or a pipe that is there
     (``/dev/stdout``, ``>(jq .)``, a FIFO), as a shell redirection would, never replacing it; else
     atomically to the file (its dir created)."""
-    import stat
     import sys
 
     if target == "-":

@@ -50,7 +50,7 @@ def select(*, matrix: bool, world_size: int, cuda: bool, fsdp: int | None = None
         modes = [save_mode] if save_mode is not None else list(SAVE_MODES)
         layouts = [layout] if layout is not None else registry.matrix_layouts(world_size)
     else:
-        first = fsdp or (2 if layout is not None and not layout.is_plain else 1)
+        first = fsdp or registry.default_fsdp(layout)
         fsdps, apis = [first], [api or registry.default_api(first)]
         modes, layouts = [save_mode or registry.DEFAULT_SAVE_MODE], [layout or registry.PLAIN]
     explicit = not matrix or (fsdp is not None and api is not None)
@@ -58,8 +58,8 @@ def select(*, matrix: bool, world_size: int, cuda: bool, fsdp: int | None = None
     for f in fsdps:
         for a in apis:
             for lay in layouts:
-                why = (registry.wrapper_problem(f, a) or lay.problem(world_size, f)  # the optimizer's part: below
-                       or registry.format_problem(format, api=a, trainer_state=trainer_state))
+                probe = Flow(fsdp=f, api=a, layout=lay, format=format, trainer_state=trainer_state)
+                why = probe.problem(world_size, optimizer=False)  # the optimizer's part: per optimizer, below
                 if why:
                     if explicit or (layout is not None and not layout.is_plain and f == fsdp):
                         raise UsageError(why)

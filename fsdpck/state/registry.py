@@ -79,6 +79,11 @@ APIS = ("legacy", "dsd")
 PLANNERS = ("default", "none")
 
 
+def default_fsdp(layout: Layout | None) -> int:
+    """The wrapper when none is named: FSDP1 (the reference test's), FSDP2 where a layout (HSDP, TP) needs it."""
+    return 2 if layout is not None and not layout.is_plain else 1
+
+
 def default_api(fsdp: int) -> str:
     """The API each wrapper is used with by default: the reference test's for FSDP1, DCP's state_dict API for FSDP2."""
     return "legacy" if fsdp == 1 else "dsd"
@@ -235,11 +240,11 @@ class Flow:
                 "trainer_state": self.trainer_state, "format": self.format,
                 "steps_during_save": self.steps_during_save if self.mode.asynchronous else 0}
 
-    def problem(self, world_size: int) -> str | None:
-        """Why this flow cannot run at ``world_size``, or None."""
+    def problem(self, world_size: int, *, optimizer: bool = True) -> str | None:
+        """Why this flow cannot run at ``world_size``, or None (``optimizer=False``: whatever its optimizer)."""
         return (wrapper_problem(self.fsdp, self.api) or self.layout.problem(world_size, self.fsdp)
                 or format_problem(self.format, api=self.api, trainer_state=self.trainer_state, fsdp=self.fsdp,
-                                  optimizer=self.optimizer))
+                                  optimizer=self.optimizer if optimizer else None))
 
 
 def format_problem(fmt: str, *, api: str, trainer_state: bool, fsdp: int | None = None,
